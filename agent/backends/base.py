@@ -1,0 +1,63 @@
+"""The one interface every inference backend implements.
+
+A backend runs a causal LM over a KV cache with a batch dimension everywhere: the generation loop,
+sampling and streaming above it are shared by ONNX Runtime and TensorRT. A `DecodeState` owns one
+batch's KV cache; `prefill` appends a block of tokens per row, `decode` appends one token per row.
+Both return only the logits of the last position of each row, which is all generation needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+TokenIds = npt.NDArray[np.int64]
+Logits = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What the backend is and what it can hold."""
+
+    name: str  # "onnxruntime" | "tensorrt"
+    device: str  # e.g. "cpu", "cuda:0"
+    max_seq_len: int  # tokens of context one row can hold (prompt + generated)
+    vocab_size: int
+
+
+class DecodeState(Protocol):
+    """One batch's KV cache and bookkeeping, owned by the backend that made it."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def length(self) -> int:
+        """Tokens already in the cache per row (the past sequence length)."""
+        ...
+
+
+StateT = TypeVar("StateT", bound=DecodeState)
+
+
+class Backend(Protocol[StateT]):
+    info: BackendInfo
+
+    def new_state(self, batch_size: int) -> StateT:
+        """An empty KV cache for `batch_size` rows."""
+        ...
+
+    def prefill(self, state: StateT, input_ids: TokenIds) -> Logits:
+        """input_ids: [B, S] -> logits of each row's last position: [B, vocab]."""
+        ...
+
+    def decode(self, state: StateT, token_ids: TokenIds) -> Logits:
+        """token_ids: [B] (one new token per row) -> next-token logits: [B, vocab]."""
+        ...
+
+    def close(self) -> None:
+        """Release sessions and device memory."""
+        ...

@@ -1,0 +1,115 @@
+"""`edge-agent`: the on-device agent's command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from agent import __version__
+from agent.config import load_config, with_overrides
+from agent.errors import AgentError
+
+log = logging.getLogger("edge-agent")
+
+DESCRIPTION = """\
+The on-device agent: loads a model bundle, takes jobs over MQTT, streams answers back.
+
+  edge-agent run --bundle ./bundles/smollm2-135m            # broker on localhost:1883
+  edge-agent run --config /etc/edge-agent/agent.toml        # production, under systemd
+
+Topics (prefix `edgellm`, device id D): jobs arrive on edgellm/D/jobs and on the shared
+fleet subscription edgellm/fleet/jobs; answers go to edgellm/D/results/<job id> (or the request's
+MQTT v5 Response Topic); the retained status is on edgellm/D/status.
+"""
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agent.runtime import load_model
+    from agent.service import AgentService
+
+    config = with_overrides(
+        load_config(args.config),
+        broker=args.broker,
+        device_id=args.device_id,
+        bundle=args.bundle,
+        state_dir=args.state_dir,
+    )
+    if config.bundle is None:
+        raise AgentError("bad_config", "no bundle: pass --bundle DIR or set [bundle] path")
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    log.info("edge-agent %s, device %s, bundle %s", __version__, config.device_id, config.bundle)
+    model = load_model(config.bundle, config.runtime)
+    log.info(
+        "bundle %s %s (%s, %s) verified and loaded",
+        model.bundle.manifest.name,
+        model.bundle.manifest.version,
+        model.bundle.manifest.precision,
+        model.backend.info.device,
+    )
+    service = AgentService(config, model.backend, model.codec, model.engine_info)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    service.start()
+    broker = f"{config.mqtt.host}:{config.mqtt.port}"
+    if not service.link.wait_connected(10):
+        log.warning("broker %s not reachable yet; retrying in the background", broker)
+    while not stop.wait(1.0):
+        pass
+    service.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    run = verbs.add_parser(
+        "run",
+        help="run the agent (until SIGTERM)",
+        description="Run the agent until SIGTERM: it finishes the running job, answers queued "
+        "ones with `shutting_down`, publishes status `offline` and exits 0.",
+    )
+    run.add_argument("--config", type=Path, help="TOML config file (every key has a default)")
+    run.add_argument("--bundle", type=Path, help="bundle directory (overrides [bundle] path)")
+    run.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker (default localhost:1883)")
+    run.add_argument("--device-id", help="device id used in topics (default: the host name)")
+    run.add_argument("--state-dir", type=Path, help="where the agent keeps its state")
+    run.set_defaults(handler=_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code: int = args.handler(args)
+        return code
+    except AgentError as exc:
+        print(f"edge-agent: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

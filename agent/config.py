@@ -1,0 +1,162 @@
+"""Agent configuration: a TOML file, flag overrides, and a sane default for every key.
+
+`edge-agent run --bundle DIR` alone works against a broker on localhost:1883 (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+from agent.jobs import JOB_ID_RE
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "localhost"
+    port: int = 1883
+    prefix: str = "edgellm"
+    keepalive_s: int = 30
+    username: str | None = None
+    password: str | None = None
+    # Keep the broker-side session (subscriptions, QoS 1 jobs queued while we were away) this long.
+    session_expiry_s: int = 3600
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    queue_size: int = 32
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 2048
+    max_payload_bytes: int = 256 * 1024
+    results_kept: int = 1024  # answered jobs remembered so a repeated id gets the stored answer
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    backend: str = "auto"  # "auto" | "onnxruntime"
+    threads: int = 0  # 0 = ONNX Runtime's default (one per physical core)
+    max_seq_len: int = 0  # 0 = the bundle's own context length
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str = field(default_factory=lambda: _default_device_id())
+    bundle: Path | None = None
+    state_dir: Path = field(default_factory=lambda: _default_state_dir())
+    mqtt: MqttConfig = MqttConfig()
+    jobs: JobsConfig = JobsConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+def _default_device_id() -> str:
+    name = socket.gethostname().split(".")[0]
+    return name if JOB_ID_RE.match(name) else "edge-device"
+
+
+def _default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/edge-agent")
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "edge-agent"
+
+
+def _section(cls: type[Any], raw: Any, name: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError("bad_config", f"[{name}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError("bad_config", f"[{name}]: unknown key(s) {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    defaults = cls()
+    for key, value in raw.items():
+        expected = type(getattr(defaults, key))
+        if getattr(defaults, key) is None:
+            expected = str
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(
+                "bad_config", f"[{name}] {key} must be {expected.__name__}, got {value!r}"
+            )
+        values[key] = value
+    return cls(**values)
+
+
+def load_config(path: Path | None) -> AgentConfig:
+    """Read a TOML config file (or none: all defaults)."""
+    if path is None:
+        return AgentConfig()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("bad_config", f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("bad_config", f"{path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(raw) - {"device", "bundle", "state", "mqtt", "jobs", "runtime"})
+    if unknown:
+        raise ConfigError("bad_config", f"{path}: unknown section(s) {', '.join(unknown)}")
+    config = AgentConfig(
+        mqtt=_section(MqttConfig, raw.get("mqtt"), "mqtt"),
+        jobs=_section(JobsConfig, raw.get("jobs"), "jobs"),
+        runtime=_section(RuntimeConfig, raw.get("runtime"), "runtime"),
+    )
+    device = raw.get("device", {})
+    if "id" in device:
+        config = replace(config, device_id=str(device["id"]))
+    if "path" in raw.get("bundle", {}):
+        config = replace(config, bundle=Path(raw["bundle"]["path"]))
+    if "dir" in raw.get("state", {}):
+        config = replace(config, state_dir=Path(raw["state"]["dir"]))
+    return validate(config)
+
+
+def with_overrides(
+    config: AgentConfig,
+    *,
+    broker: str | None = None,
+    device_id: str | None = None,
+    bundle: Path | None = None,
+    state_dir: Path | None = None,
+) -> AgentConfig:
+    """Apply command-line flags on top of the file's values."""
+    if broker:
+        host, _, port = broker.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError("bad_config", f"--broker must be HOST:PORT, got {broker!r}")
+        config = replace(config, mqtt=replace(config.mqtt, host=host, port=int(port)))
+    if device_id:
+        config = replace(config, device_id=device_id)
+    if bundle:
+        config = replace(config, bundle=bundle)
+    if state_dir:
+        config = replace(config, state_dir=state_dir)
+    return validate(config)
+
+
+def validate(config: AgentConfig) -> AgentConfig:
+    if not JOB_ID_RE.match(config.device_id):
+        raise ConfigError(
+            "bad_config", f"device id {config.device_id!r}: use 1-128 characters of A-Za-z0-9._:-"
+        )
+    if any(c in config.mqtt.prefix for c in "+#") or not config.mqtt.prefix:
+        raise ConfigError("bad_config", "mqtt.prefix must be a non-empty topic without wildcards")
+    if not 1 <= config.mqtt.port <= 65535:
+        raise ConfigError("bad_config", f"mqtt.port {config.mqtt.port} is not a TCP port")
+    if config.jobs.queue_size < 1 or config.jobs.max_tokens_limit < 1:
+        raise ConfigError("bad_config", "jobs.queue_size and jobs.max_tokens_limit must be >= 1")
+    if config.runtime.backend not in ("auto", "onnxruntime"):
+        raise ConfigError(
+            "bad_config",
+            f"runtime.backend {config.runtime.backend!r}: this agent supports auto, onnxruntime",
+        )
+    return config

@@ -1,0 +1,290 @@
+"""The agent service: takes jobs from MQTT, runs them one at a time on the backend, answers.
+
+Threads: paho's network thread validates each message and queues it (never blocks on the model);
+one worker thread runs the generation loop; the main thread waits for SIGTERM and shuts down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from agent import __version__, events
+from agent.backends.base import Backend
+from agent.config import AgentConfig
+from agent.errors import AgentError, JobError
+from agent.generation import FinishReason, GenerationRequest, generate
+from agent.job_queue import Job, JobQueue, QueueFull, Reply, ResultStore
+from agent.jobs import InvalidPayload, JobRequest, RequestLimits, parse_cancel, parse_job
+from agent.mqtt_link import Incoming, MqttLink, Subscription
+from agent.text import TextCodec
+from agent.topics import INVALID_JOB_ID, Topics, is_valid_publish_topic
+
+log = logging.getLogger(__name__)
+
+
+class AgentService:
+    def __init__(
+        self,
+        config: AgentConfig,
+        backend: Backend[Any],
+        codec: TextCodec,
+        engine_info: dict[str, str],
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.codec = codec
+        self.engine_info = engine_info
+        self.topics = Topics(config.mqtt.prefix, config.device_id)
+        self.limits = RequestLimits(
+            max_payload_bytes=config.jobs.max_payload_bytes,
+            max_tokens_limit=config.jobs.max_tokens_limit,
+            default_max_tokens=config.jobs.default_max_tokens,
+        )
+        self.queue = JobQueue(config.jobs.queue_size)
+        self.results = ResultStore(config.jobs.results_kept)
+        self._running: Job | None = None
+        self._running_lock = threading.Lock()
+        self._accepting = True
+        self._stop_worker = threading.Event()
+        self._since = events.utc_now_iso()
+        self._worker = threading.Thread(target=self._work, name="edge-agent-worker", daemon=True)
+        self.link = MqttLink(
+            config.mqtt,
+            client_id=f"edge-agent-{config.device_id}",
+            will_topic=self.topics.status,
+            will_payload=self._status("offline"),
+            subscriptions=[
+                Subscription(self.topics.jobs),
+                Subscription(self.topics.fleet_jobs_shared),
+                Subscription(self.topics.cancel),
+            ],
+            on_message=self.handle_message,
+            on_connected=self._publish_online,
+        )
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker.start()
+        self.link.start()
+
+    def shutdown(self, grace_s: float = 60.0) -> None:
+        """Stop taking jobs, let the running one finish, refuse the queued ones, go offline."""
+        log.info("shutting down")
+        self._accepting = False
+        self.queue.close()
+        for job in self.queue.drain():
+            self._send_error(job.reply, job.id, "shutting_down", "the agent is shutting down")
+        self._stop_worker.set()
+        self._worker.join(grace_s)
+        with self._running_lock:
+            running = self._running
+        if running is not None:  # past the grace period: stop it and still answer it
+            running.cancel_requested.set()
+            self._worker.join(10)
+        self.link.publish_and_wait(self.topics.status, self._status("offline"), timeout=5)
+        self.link.stop()
+        self.backend.close()
+
+    # --- incoming messages (paho's network thread) -----------------------------------------
+
+    def handle_message(self, message: Incoming) -> None:
+        if message.topic == self.topics.cancel:
+            self._handle_cancel(message)
+        else:
+            self._handle_job(message)
+
+    def _handle_job(self, message: Incoming) -> None:
+        reply = self._reply_for(message)
+        try:
+            request = parse_job(message.payload, self.limits)
+        except InvalidPayload as exc:
+            job_id = exc.job_id
+            target = reply or Reply(self.topics.results(job_id or INVALID_JOB_ID))
+            self._send_error(target, job_id, exc.job_code, exc.message)
+            return
+        if reply is None and message.response_topic is not None:
+            self._send_error(
+                Reply(self.topics.results(request.id)),
+                request.id,
+                "invalid_request",
+                "the Response Topic is not a topic that can be published to",
+            )
+            return
+        self._admit(request, reply or Reply(self.topics.results(request.id)))
+
+    def _reply_for(self, message: Incoming) -> Reply | None:
+        topic = message.response_topic
+        if topic is None or not is_valid_publish_topic(topic):
+            return None
+        return Reply(topic, message.correlation_data)
+
+    def _admit(self, request: JobRequest, reply: Reply) -> None:
+        stored = self.results.get(request.id)
+        if stored is not None:
+            self._publish(reply, stored)
+            return
+        if not self._accepting:
+            self._send_error(reply, request.id, "shutting_down", "the agent is shutting down")
+            return
+        if self._is_active(request.id):
+            self._send_error(
+                reply, request.id, "duplicate", f"job {request.id!r} is already queued or running"
+            )
+            return
+        try:
+            prompt_ids = self._encode(request)
+        except JobError as exc:
+            self._send_error(reply, request.id, exc.job_code, exc.message)
+            return
+        job = Job(request, prompt_ids, reply)
+        try:
+            self.queue.put(job, lambda pos: self._publish(reply, events.accepted(request.id, pos)))
+        except QueueFull:
+            self._send_error(
+                reply,
+                request.id,
+                "queue_full",
+                f"{self.queue.capacity} jobs are already waiting; retry later or on another device",
+            )
+
+    def _encode(self, request: JobRequest) -> list[int]:
+        if request.messages is not None:
+            ids = self.codec.encode_messages(request.message_dicts())
+        else:
+            ids = self.codec.encode_prompt(request.prompt or "")
+        context = self.backend.info.max_seq_len
+        if not ids:
+            raise JobError("invalid_request", "the prompt is empty once tokenized")
+        if len(ids) >= context:
+            raise JobError(
+                "prompt_too_long",
+                f"the prompt is {len(ids)} tokens; this model holds {context} tokens of context "
+                "including the answer",
+            )
+        return ids
+
+    def _is_active(self, job_id: str) -> bool:
+        with self._running_lock:
+            if self._running is not None and self._running.id == job_id:
+                return True
+        return self.queue.contains(job_id)
+
+    def _handle_cancel(self, message: Incoming) -> None:
+        try:
+            job_id = parse_cancel(message.payload)
+        except InvalidPayload as exc:
+            target = self._reply_for(message) or Reply(self.topics.results(INVALID_JOB_ID))
+            self._send_error(target, None, exc.job_code, exc.message)
+            return
+        queued = self.queue.remove(job_id)
+        if queued is not None:
+            self._finish_unstarted(queued, "cancelled")
+            return
+        with self._running_lock:
+            running = self._running
+        if running is not None and running.id == job_id:
+            running.cancel_requested.set()
+        else:
+            log.info("cancel for %s: not queued or running (already answered?)", job_id)
+
+    # --- the worker ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stop_worker.is_set():
+            job = self.queue.get(timeout=0.5)
+            if job is None:
+                continue
+            with self._running_lock:
+                self._running = job
+            try:
+                self._run(job)
+            finally:
+                with self._running_lock:
+                    self._running = None
+
+    def _run(self, job: Job) -> None:
+        started = time.monotonic()
+        if job.deadline_passed(started):
+            self._finish_unstarted(job, "deadline")
+            return
+        seq = 0
+
+        def on_text(text: str) -> None:
+            nonlocal seq
+            if job.request.stream:
+                self._publish(job.reply, events.delta(job.id, seq, text))
+                seq += 1
+
+        def interrupt() -> FinishReason | None:
+            if job.cancel_requested.is_set():
+                return "cancelled"
+            if job.deadline_passed():
+                return "deadline"
+            return None
+
+        request = GenerationRequest(
+            prompt_ids=job.prompt_ids,
+            max_tokens=job.request.max_tokens,
+            sampling=job.request.sampling,
+            stop=job.request.stop,
+        )
+        try:
+            result = generate(
+                self.backend, self.codec, request, on_text=on_text, interrupt=interrupt
+            )
+        except AgentError as exc:
+            log.error("job %s failed: %s", job.id, exc)
+            self._send_error(job.reply, job.id, "engine_error", exc.message)
+            return
+        except Exception as exc:  # never let one job take the agent down
+            log.exception("job %s failed unexpectedly", job.id)
+            self._send_error(job.reply, job.id, "engine_error", f"{type(exc).__name__}: {exc}")
+            return
+        now = time.monotonic()
+        done = events.done_from_result(
+            job.id,
+            result,
+            queue_ms=(started - job.received) * 1000,
+            total_ms=(now - job.received) * 1000,
+            engine=self.engine_info,
+            device=self.config.device_id,
+        )
+        self.results.put(job.id, done)
+        self._publish(job.reply, done)
+
+    def _finish_unstarted(self, job: Job, reason: FinishReason) -> None:
+        waited = (time.monotonic() - job.received) * 1000
+        done = events.done(
+            job.id,
+            text="",
+            finish_reason=reason,
+            prompt_tokens=len(job.prompt_ids),
+            completion_tokens=0,
+            queue_ms=waited,
+            ttft_ms=0.0,
+            total_ms=waited,
+            tokens_per_s=0.0,
+            engine=self.engine_info,
+            device=self.config.device_id,
+        )
+        self.results.put(job.id, done)
+        self._publish(job.reply, done)
+
+    # --- publishing ------------------------------------------------------------------------
+
+    def _publish(self, reply: Reply, payload: dict[str, Any]) -> None:
+        self.link.publish(reply.topic, payload, correlation_data=reply.correlation_data)
+
+    def _send_error(self, reply: Reply, job_id: str | None, code: str, message: str) -> None:
+        log.info("job %s refused: [%s] %s", job_id, code, message)
+        self._publish(reply, events.error(job_id, code, message))
+
+    def _status(self, state: str) -> dict[str, Any]:
+        return events.status(state, __version__, self.engine_info, self._since)
+
+    def _publish_online(self) -> None:
+        self.link.publish(self.topics.status, self._status("online"), retain=True)

@@ -1,0 +1,59 @@
+"""The MQTT topic names of DESIGN.md's contract, in one place for the agent and the fleet tool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INVALID_JOB_ID = "_invalid"  # results topic for requests without a usable id
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+    device: str
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}/{self.device}/jobs"
+
+    @property
+    def fleet_jobs(self) -> str:
+        """Where operators publish jobs for any one device."""
+        return f"{self.prefix}/fleet/jobs"
+
+    @property
+    def fleet_jobs_shared(self) -> str:
+        """The shared subscription: the broker hands each fleet job to one device of the group."""
+        return f"$share/{self.prefix}/{self.fleet_jobs}"
+
+    @property
+    def cancel(self) -> str:
+        return f"{self.prefix}/{self.device}/jobs/cancel"
+
+    def results(self, job_id: str) -> str:
+        return f"{self.prefix}/{self.device}/results/{job_id}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}/{self.device}/status"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.prefix}/{self.device}/telemetry"
+
+    @property
+    def ota(self) -> str:
+        return f"{self.prefix}/{self.device}/ota"
+
+    @property
+    def ota_status(self) -> str:
+        return f"{self.prefix}/{self.device}/ota/status"
+
+
+def is_valid_publish_topic(topic: str) -> bool:
+    """A topic a client may publish to: non-empty, no wildcards, no NUL, not `$`-reserved."""
+    return (
+        0 < len(topic.encode("utf-8")) <= 65535
+        and not any(c in topic for c in "+#\0")
+        and not topic.startswith("$")
+    )

@@ -1,0 +1,5 @@
+"""Offline build: load a model, export it to ONNX, check parity, write a bundle.
+
+Imports torch/transformers/optimum lazily inside the submodules that need them, so that the
+package itself stays cheap to import (e.g. for `edge-build --help`).
+"""
