@@ -68,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     while not stop.wait(1.0):
         pass
     service.shutdown()
+    model.backend.close()
     log.info("stopped")
     return 0
 

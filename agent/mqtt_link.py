@@ -51,8 +51,8 @@ class MqttLink:
         config: MqttConfig,
         client_id: str,
         *,
-        will_topic: str,
-        will_payload: dict[str, Any],
+        will_topic: str | None = None,
+        will_payload: dict[str, Any] | None = None,
         subscriptions: list[Subscription],
         on_message: MessageHandler,
         on_connected: Callable[[], None] | None = None,
@@ -62,12 +62,14 @@ class MqttLink:
         self._handler = on_message
         self._on_connected = on_connected
         self._connected = threading.Event()
+        self._stopping = False
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
         )
         if config.username is not None:
             self._client.username_pw_set(config.username, config.password)
-        self._client.will_set(will_topic, json.dumps(will_payload), qos=1, retain=True)
+        if will_topic is not None:
+            self._client.will_set(will_topic, json.dumps(will_payload), qos=1, retain=True)
         self._client.reconnect_delay_set(
             min_delay=max(1, int(config.reconnect_min_s)), max_delay=int(config.reconnect_max_s)
         )
@@ -125,8 +127,13 @@ class MqttLink:
             return False
         return info.is_published()
 
+    def unsubscribe(self, topic: str) -> None:
+        self._subscriptions = [s for s in self._subscriptions if s.topic != topic]
+        self._client.unsubscribe(topic)
+
     def stop(self) -> None:
         """Disconnect cleanly (the broker then does not send the Last Will) and stop the thread."""
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -156,7 +163,8 @@ class MqttLink:
         properties: Any,
     ) -> None:
         self._connected.clear()
-        log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+        if not self._stopping:
+            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _handle_message(self, client: paho.Client, userdata: Any, message: Any) -> None:
         props = getattr(message, "properties", None)

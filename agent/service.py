@@ -75,6 +75,9 @@ class AgentService:
         """Stop taking jobs, let the running one finish, refuse the queued ones, go offline."""
         log.info("shutting down")
         self._accepting = False
+        # Our broker session outlives us (device jobs wait for our return), but the fleet's jobs
+        # must go to devices that are up: leave the shared subscription before disconnecting.
+        self.link.unsubscribe(self.topics.fleet_jobs_shared)
         self.queue.close()
         for job in self.queue.drain():
             self._send_error(job.reply, job.id, "shutting_down", "the agent is shutting down")
@@ -87,7 +90,6 @@ class AgentService:
             self._worker.join(10)
         self.link.publish_and_wait(self.topics.status, self._status("offline"), timeout=5)
         self.link.stop()
-        self.backend.close()
 
     # --- incoming messages (paho's network thread) -----------------------------------------
 

@@ -1,0 +1,114 @@
+"""`edge-fleet prompt`: send one job to a device (or the fleet) and follow its events."""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from agent.config import MqttConfig
+from agent.mqtt_link import Incoming, MqttLink, Subscription
+from agent.topics import Topics
+
+
+@dataclass(frozen=True)
+class PromptJob:
+    text: str
+    device: str | None  # None = any device of the fleet (shared subscription)
+    max_tokens: int = 256
+    temperature: float = 0.0
+    raw: bool = False  # send `prompt` (plain completion) instead of a chat message
+    system: str | None = None
+    stream: bool = True
+    job_id: str | None = None
+
+    def payload(self, job_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": job_id,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "stream": self.stream,
+        }
+        if self.raw:
+            body["prompt"] = self.text
+        else:
+            messages = [{"role": "system", "content": self.system}] if self.system else []
+            body["messages"] = [*messages, {"role": "user", "content": self.text}]
+        return body
+
+
+class NoAnswer(Exception):
+    pass
+
+
+def send_prompt(
+    broker: MqttConfig,
+    job: PromptJob,
+    *,
+    timeout_s: float,
+    on_event: Any,
+) -> dict[str, Any]:
+    """Publish the job, pass every event to `on_event`, return the final `done` or `error`."""
+    job_id = job.job_id or f"prompt-{uuid.uuid4().hex[:12]}"
+    device_topics = Topics(broker.prefix, job.device or "+")
+    results = device_topics.results(job_id)
+    events: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def on_message(message: Incoming) -> None:
+        try:
+            events.put(json.loads(message.payload))
+        except ValueError:  # a malformed event is skipped; the wait for the answer goes on
+            return
+
+    link = MqttLink(
+        broker,
+        client_id=f"edge-fleet-{uuid.uuid4().hex[:8]}",
+        subscriptions=[Subscription(results)],
+        on_message=on_message,
+    )
+    link.start()
+    try:
+        if not link.wait_connected(10):
+            raise NoAnswer(f"cannot reach the broker at {broker.host}:{broker.port}")
+        time.sleep(0.2)  # let the SUBACK land before the job can be answered
+        topic = device_topics.jobs if job.device else device_topics.fleet_jobs
+        link.publish(topic, job.payload(job_id))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoAnswer(f"no answer to job {job_id} within {timeout_s:.0f} s")
+            try:
+                event = events.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            on_event(event)
+            if event.get("event") in ("done", "error"):
+                return event
+    finally:
+        link.stop()
+
+
+def print_event(event: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    """Human output: the streamed text, then one line of figures."""
+    kind = event.get("event")
+    if kind == "delta":
+        out.write(event.get("text", ""))
+        out.flush()
+    elif kind == "done":
+        timing, usage = event.get("timing", {}), event.get("usage", {})
+        engine = event.get("engine", {})
+        out.write(
+            f"\n\n[{event.get('finish_reason')}] {usage.get('prompt_tokens')} prompt + "
+            f"{usage.get('completion_tokens')} generated tokens | TTFT {timing.get('ttft_ms')} ms"
+            f" | {timing.get('tokens_per_s')} tokens/s | queue {timing.get('queue_ms')} ms"
+            f" | total {timing.get('total_ms')} ms | {engine.get('name')} {engine.get('version')}"
+            f" ({engine.get('precision')}, {engine.get('backend')}) on {event.get('device')}\n"
+        )
+    elif kind == "error":
+        err = event.get("error", {})
+        out.write(f"\nerror [{err.get('code')}]: {err.get('message')}\n")

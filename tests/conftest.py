@@ -1,0 +1,264 @@
+"""Shared fixtures: a real Mosquitto on a free port, the real default-model bundle (built once per
+test session), and MQTT helpers that collect a job's events."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+REPO = Path(__file__).resolve().parent.parent
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Broker:
+    host: str
+    port: int
+    process: subprocess.Popen[bytes]
+    config_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def start_mosquitto(directory: Path, port: int | None = None) -> Broker:
+    if not Path(MOSQUITTO).exists():
+        pytest.fail("mosquitto is not installed: run `make test` (it installs it) or apt-get it")
+    port = port or free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "mosquitto.conf"
+    config.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 10000\nlog_dest stderr\n"
+    )
+    log = (directory / "mosquitto.log").open("wb")
+    process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=log, stderr=log)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return Broker("127.0.0.1", port, process, config)
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"mosquitto did not start: {(directory / 'mosquitto.log').read_text()}")
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    b = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    yield b
+    b.process.terminate()
+    b.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def default_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SmolLM2-135M-Instruct bundle, built once per session with `edge-build export`.
+
+    EDGE_TEST_BUNDLE may point at an already-built bundle to skip the export locally."""
+    preset = os.environ.get("EDGE_TEST_BUNDLE")
+    if preset:
+        return Path(preset)
+    out = tmp_path_factory.mktemp("bundles") / "smollm2-135m"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build_engine",
+            "export",
+            "--model",
+            "smollm2-135m",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, f"edge-build export failed:\n{result.stderr[-4000:]}"
+    return out
+
+
+# --- an MQTT test client ----------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    correlation_data: bytes | None
+    retain: bool
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+@dataclass
+class MqttProbe:
+    """A plain paho client for tests: subscribe, publish, wait for messages on a topic."""
+
+    broker: Broker
+    client: paho.Client = field(init=False)
+    inbox: queue.Queue[Received] = field(default_factory=queue.Queue)
+    pending: list[Received] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"probe-{uuid.uuid4().hex[:8]}",
+            protocol=paho.MQTTv5,
+        )
+        self.client.on_message = self._on_message
+        self.client.connect(self.broker.host, self.broker.port)
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        props = getattr(msg, "properties", None)
+        corr = getattr(props, "CorrelationData", None) if props else None
+        self.inbox.put(Received(msg.topic, bytes(msg.payload), corr, bool(msg.retain)))
+
+    def subscribe(self, topic: str) -> None:
+        info = self.client.subscribe(topic, qos=1)
+        assert info[0] == paho.MQTT_ERR_SUCCESS
+        time.sleep(0.15)  # let the SUBACK land before anything is published
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str | dict[str, Any],
+        *,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+    ) -> None:
+        if isinstance(payload, dict):
+            payload = json.dumps(payload)
+        props = None
+        if response_topic is not None or correlation_data is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic is not None:
+                props.ResponseTopic = response_topic
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+        self.client.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
+
+    def next(self, timeout: float = 60.0, topic: str | None = None) -> Received:
+        """The oldest message not yet taken (on `topic`, if given); others wait their turn."""
+        for index, message in enumerate(self.pending):
+            if topic is None or message.topic == topic:
+                return self.pending.pop(index)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no message on {topic or 'any topic'} within {timeout} s")
+            try:
+                message = self.inbox.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if topic is None or message.topic == topic:
+                return message
+            self.pending.append(message)
+
+    def events_until_final(self, topic: str, timeout: float = 120.0) -> list[dict[str, Any]]:
+        """Every event on `topic` up to and including `done` or `error`."""
+        events: list[dict[str, Any]] = []
+        while True:
+            event = self.next(timeout, topic).json()
+            events.append(event)
+            if event["event"] in ("done", "error"):
+                return events
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def probe(broker: Broker) -> Iterator[MqttProbe]:
+    p = MqttProbe(broker)
+    yield p
+    p.close()
+
+
+def unique_device() -> str:
+    return f"dev-{uuid.uuid4().hex[:8]}"
+
+
+# --- the agent as a real process ----------------------------------------------------------------
+
+
+@dataclass
+class AgentProcess:
+    process: subprocess.Popen[bytes]
+    device: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(timeout)
+
+
+def start_agent(
+    bundle: Path,
+    broker: Broker,
+    workdir: Path,
+    *,
+    device: str | None = None,
+    config: str = "",
+) -> AgentProcess:
+    device = device or unique_device()
+    workdir.mkdir(parents=True, exist_ok=True)
+    args = [
+        sys.executable, "-m", "agent", "run",
+        "--bundle", str(bundle), "--broker", broker.address,
+        "--device-id", device, "--state-dir", str(workdir / "state"),
+    ]  # fmt: skip
+    if config:
+        (workdir / "agent.toml").write_text(config)
+        args += ["--config", str(workdir / "agent.toml")]
+    log_path = workdir / "agent.log"
+    process = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    return AgentProcess(process, device, log_path)
+
+
+def wait_status(probe: MqttProbe, device: str, state: str, timeout: float = 60) -> dict[str, Any]:
+    topic = f"edgellm/{device}/status"
+    probe.subscribe(topic)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = probe.next(deadline - time.monotonic(), topic)
+        data = status.json()
+        if data["state"] == state:
+            return dict(data)
+    raise AssertionError(f"status of {device} never became {state}")

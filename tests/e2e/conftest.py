@@ -1,0 +1,50 @@
+"""In-process agent fixtures: the real bundle loaded once, a fresh AgentService per test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.backends.base import Backend
+from agent.config import AgentConfig, JobsConfig, MqttConfig
+from agent.runtime import LoadedModel, load_model
+from agent.service import AgentService
+from tests.conftest import Broker, unique_device
+
+
+@pytest.fixture(scope="session")
+def loaded_model(default_bundle: Path) -> LoadedModel:
+    return load_model(default_bundle)
+
+
+ServiceFactory = Callable[..., Any]
+
+
+@pytest.fixture
+def agent_service(
+    loaded_model: LoadedModel, broker: Broker, tmp_path: Path
+) -> Iterator[ServiceFactory]:
+    """Start an AgentService on the real model and broker; stopped at the end of the test."""
+    started: list[AgentService] = []
+
+    def start(backend: Backend[Any] | None = None, **jobs: Any) -> AgentService:
+        config = AgentConfig(
+            device_id=unique_device(),
+            state_dir=tmp_path / "state",
+            mqtt=MqttConfig(host=broker.host, port=broker.port),
+            jobs=JobsConfig(**jobs),
+        )
+        service = AgentService(
+            config, backend or loaded_model.backend, loaded_model.codec, loaded_model.engine_info
+        )
+        service.start()
+        assert service.link.wait_connected(10), "the agent could not connect to the test broker"
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.shutdown(grace_s=30)
