@@ -34,13 +34,10 @@ def sha256_file(path: Path) -> str:
 
 def file_table(bundle_dir: Path) -> dict[str, dict[str, Any]]:
     """The manifest's `files` table: every file in the bundle but the manifest and signature."""
-    table: dict[str, dict[str, Any]] = {}
-    for path in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(bundle_dir).as_posix()
-        if rel in (MANIFEST_NAME, SIGNATURE_NAME):
-            continue
-        table[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    return table
+    return {
+        rel: {"sha256": sha256_file(bundle_dir / rel), "size": (bundle_dir / rel).stat().st_size}
+        for rel in sorted(bundle_files(bundle_dir))
+    }
 
 
 @dataclass(frozen=True)
@@ -199,7 +196,7 @@ def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
             continue
         if sha256_file(path) != entry["sha256"]:
             problems.append(f"{rel}: sha256 does not match the manifest")
-    extra = set(file_table_names(bundle_dir)) - set(manifest.files)
+    extra = set(bundle_files(bundle_dir)) - set(manifest.files)
     problems.extend(f"{rel}: not listed in the manifest" for rel in sorted(extra))
     if problems:
         raise BundleError(
@@ -209,7 +206,8 @@ def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
         )
 
 
-def file_table_names(bundle_dir: Path) -> list[str]:
+def bundle_files(bundle_dir: Path) -> list[str]:
+    """Relative names of every file in the bundle but the manifest and its signature."""
     names = (p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file())
     return [n for n in names if n not in (MANIFEST_NAME, SIGNATURE_NAME)]
 
