@@ -73,6 +73,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from agent.bench import BenchSettings, format_table, run_bench, to_json
+
+    settings = BenchSettings(
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        runs=args.runs,
+        threads=args.threads,
+    )
+    results = run_bench(args.bundle, settings)
+    print(to_json(results, settings) if args.json else format_table(results))
+    return 1 if any("error" in r for r in results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
@@ -94,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device-id", help="device id used in topics (default: the host name)")
     run.add_argument("--state-dir", type=Path, help="where the agent keeps its state")
     run.set_defaults(handler=_run)
+    bench = verbs.add_parser(
+        "bench",
+        help="speed figures of one or more bundles",
+        description="Measure TTFT, decode tokens/s and peak RSS of each bundle on this machine: "
+        "each bundle in its own process, the same prompt (cut to --prompt-tokens) and "
+        "--new-tokens greedy tokens, one warm-up run, then medians over --runs runs.",
+    )
+    bench.add_argument(
+        "--bundle", type=Path, action="append", required=True, help="bundle dir (repeatable)"
+    )
+    bench.add_argument("--prompt-tokens", type=int, default=156)
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--runs", type=int, default=5)
+    bench.add_argument("--threads", type=int, default=0, help="0 = one per physical core")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.set_defaults(handler=_bench)
     return parser
 
 

@@ -28,6 +28,7 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def generate(
         token = sampler.choose(logits[0])
         if not tokens:
             ttft = time.perf_counter() - start
-        if token in codec.eos_token_ids:
+        if token in codec.eos_token_ids and not request.ignore_eos:
             finish = "stop"
             break
         tokens.append(token)
