@@ -12,9 +12,13 @@ from types import FrameType
 
 from agent import __version__
 from agent.config import load_config, with_overrides
-from agent.errors import AgentError
+from agent.errors import AgentError, BundleError
 
 log = logging.getLogger("edge-agent")
+
+# Bundle problems that leave the agent running (status `degraded`) rather than exiting: the bundle
+# is genuine but this device cannot run it. A damaged or missing bundle still stops the agent.
+DEGRADED_CODES = frozenset({"target_mismatch", "unsupported_backend"})
 
 DESCRIPTION = """\
 The on-device agent: loads a model bundle, takes jobs over MQTT, streams answers back.
@@ -29,7 +33,7 @@ MQTT v5 Response Topic); the retained status is on edgellm/D/status.
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.runtime import load_model
+    from agent.runtime import LoadedModel, load_model
     from agent.service import AgentService
 
     config = with_overrides(
@@ -43,15 +47,27 @@ def _run(args: argparse.Namespace) -> int:
         raise AgentError("bad_config", "no bundle: pass --bundle DIR or set [bundle] path")
     config.state_dir.mkdir(parents=True, exist_ok=True)
     log.info("edge-agent %s, device %s, bundle %s", __version__, config.device_id, config.bundle)
-    model = load_model(config.bundle, config.runtime)
-    log.info(
-        "bundle %s %s (%s, %s) verified and loaded",
-        model.bundle.manifest.name,
-        model.bundle.manifest.version,
-        model.bundle.manifest.precision,
-        model.backend.info.device,
-    )
-    service = AgentService(config, model.backend, model.codec, model.engine_info)
+    model: LoadedModel | None = None
+    problem: BundleError | None = None
+    try:
+        model = load_model(config.bundle, config.runtime)
+    except BundleError as exc:
+        if exc.code not in DEGRADED_CODES:
+            raise
+        # The bundle is intact but cannot run here: stay reachable and say why, so the fleet
+        # can see the device and send it a bundle that fits.
+        log.error("running degraded, no model: %s", exc)
+        problem = exc
+    if model is not None:
+        manifest = model.bundle.manifest
+        log.info(
+            "bundle %s %s (%s, %s) verified and loaded",
+            manifest.name,
+            manifest.version,
+            manifest.precision,
+            model.backend.info.device,
+        )
+    service = AgentService(config, model, problem=problem)
 
     stop = threading.Event()
 
@@ -68,7 +84,8 @@ def _run(args: argparse.Namespace) -> int:
     while not stop.wait(1.0):
         pass
     service.shutdown()
-    model.backend.close()
+    if model is not None:
+        model.backend.close()
     log.info("stopped")
     return 0
 

@@ -35,7 +35,7 @@ def done(
     ttft_ms: float,
     total_ms: float,
     tokens_per_s: float,
-    engine: dict[str, str],
+    engine: dict[str, str] | None,
     device: str,
 ) -> dict[str, Any]:
     return {
@@ -61,7 +61,7 @@ def done_from_result(
     *,
     queue_ms: float,
     total_ms: float,
-    engine: dict[str, str],
+    engine: dict[str, str] | None,
     device: str,
 ) -> dict[str, Any]:
     return done(
@@ -82,4 +82,5 @@ def done_from_result(
 def status(
     state: str, agent_version: str, engine: dict[str, str] | None, since: str
 ) -> dict[str, Any]:
+    """The retained status; `engine` is None while the device has no working model."""
     return {"state": state, "agent_version": agent_version, "engine": engine, "since": since}

@@ -12,14 +12,13 @@ import time
 from typing import Any
 
 from agent import __version__, events
-from agent.backends.base import Backend
 from agent.config import AgentConfig
 from agent.errors import AgentError, JobError
 from agent.generation import FinishReason, GenerationRequest, generate
 from agent.job_queue import Job, JobQueue, QueueFull, Reply, ResultStore
 from agent.jobs import InvalidPayload, JobRequest, RequestLimits, parse_cancel, parse_job
 from agent.mqtt_link import Incoming, MqttLink, Subscription
-from agent.text import TextCodec
+from agent.runtime import LoadedModel
 from agent.topics import INVALID_JOB_ID, Topics, is_valid_publish_topic
 
 log = logging.getLogger(__name__)
@@ -29,14 +28,17 @@ class AgentService:
     def __init__(
         self,
         config: AgentConfig,
-        backend: Backend[Any],
-        codec: TextCodec,
-        engine_info: dict[str, str],
+        model: LoadedModel | None,
+        *,
+        problem: AgentError | None = None,
     ) -> None:
+        """`model` None means degraded: the device stays reachable (status `degraded` with
+        `problem`, so an operator can see why and send a fix) but takes no fleet jobs and answers
+        its own jobs with `engine_error`."""
         self.config = config
-        self.backend = backend
-        self.codec = codec
-        self.engine_info = engine_info
+        self.model = model
+        self.problem = problem
+        self.engine_info = model.engine_info if model is not None else None
         self.topics = Topics(config.mqtt.prefix, config.device_id)
         self.limits = RequestLimits(
             max_payload_bytes=config.jobs.max_payload_bytes,
@@ -58,8 +60,9 @@ class AgentService:
             will_payload=self._status("offline"),
             subscriptions=[
                 Subscription(self.topics.jobs),
-                Subscription(self.topics.fleet_jobs_shared),
                 Subscription(self.topics.cancel),
+                # Without a working model we must not take jobs meant for any healthy device.
+                *([Subscription(self.topics.fleet_jobs_shared)] if model is not None else []),
             ],
             on_message=self.handle_message,
             on_connected=self._publish_online,
@@ -132,13 +135,19 @@ class AgentService:
         if not self._accepting:
             self._send_error(reply, request.id, "shutting_down", "the agent is shutting down")
             return
+        if self.model is None:
+            reason = self.problem.message if self.problem else "no bundle is loaded"
+            self._send_error(
+                reply, request.id, "engine_error", f"this device has no working model: {reason}"
+            )
+            return
         if self._is_active(request.id):
             self._send_error(
                 reply, request.id, "duplicate", f"job {request.id!r} is already queued or running"
             )
             return
         try:
-            prompt_ids = self._encode(request)
+            prompt_ids = self._encode(request, self.model)
         except JobError as exc:
             self._send_error(reply, request.id, exc.job_code, exc.message)
             return
@@ -153,12 +162,12 @@ class AgentService:
                 f"{self.queue.capacity} jobs are already waiting; retry later or on another device",
             )
 
-    def _encode(self, request: JobRequest) -> list[int]:
+    def _encode(self, request: JobRequest, model: LoadedModel) -> list[int]:
         if request.messages is not None:
-            ids = self.codec.encode_messages(request.message_dicts())
+            ids = model.codec.encode_messages(request.message_dicts())
         else:
-            ids = self.codec.encode_prompt(request.prompt or "")
-        context = self.backend.info.max_seq_len
+            ids = model.codec.encode_prompt(request.prompt or "")
+        context = model.backend.info.max_seq_len
         if not ids:
             raise JobError("invalid_request", "the prompt is empty once tokenized")
         if len(ids) >= context:
@@ -209,6 +218,7 @@ class AgentService:
                     self._running = None
 
     def _run(self, job: Job) -> None:
+        assert self.model is not None  # jobs are only queued when there is a model
         started = time.monotonic()
         if job.deadline_passed(started):
             self._finish_unstarted(job, "deadline")
@@ -236,7 +246,7 @@ class AgentService:
         )
         try:
             result = generate(
-                self.backend, self.codec, request, on_text=on_text, interrupt=interrupt
+                self.model.backend, self.model.codec, request, on_text=on_text, interrupt=interrupt
             )
         except AgentError as exc:
             log.error("job %s failed: %s", job.id, exc)
@@ -286,7 +296,11 @@ class AgentService:
         self._publish(reply, events.error(job_id, code, message))
 
     def _status(self, state: str) -> dict[str, Any]:
-        return events.status(state, __version__, self.engine_info, self._since)
+        status = events.status(state, __version__, self.engine_info, self._since)
+        if self.problem is not None:
+            status["error"] = {"code": self.problem.code, "message": self.problem.message}
+        return status
 
     def _publish_online(self) -> None:
-        self.link.publish(self.topics.status, self._status("online"), retain=True)
+        state = "online" if self.model is not None else "degraded"
+        self.link.publish(self.topics.status, self._status(state), retain=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,8 @@ def agent_service(
             mqtt=MqttConfig(host=broker.host, port=broker.port),
             jobs=JobsConfig(**jobs),
         )
-        service = AgentService(
-            config, backend or loaded_model.backend, loaded_model.codec, loaded_model.engine_info
-        )
+        model = replace(loaded_model, backend=backend) if backend else loaded_model
+        service = AgentService(config, model)
         service.start()
         assert service.link.wait_connected(10), "the agent could not connect to the test broker"
         started.append(service)
