@@ -12,13 +12,10 @@ from types import FrameType
 
 from agent import __version__
 from agent.config import load_config, with_overrides
-from agent.errors import AgentError, BundleError
+from agent.errors import AgentError
 
 log = logging.getLogger("edge-agent")
 
-# Bundle problems that leave the agent running (status `degraded`) rather than exiting: the bundle
-# is genuine but this device cannot run it. A damaged or missing bundle still stops the agent.
-DEGRADED_CODES = frozenset({"target_mismatch", "unsupported_backend"})
 
 DESCRIPTION = """\
 The on-device agent: loads a model bundle, takes jobs over MQTT, streams answers back.
@@ -33,7 +30,8 @@ MQTT v5 Response Topic); the retained status is on edgellm/D/status.
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.runtime import LoadedModel, load_model
+    from agent.ota.boot import choose_bundle, roll_back_if_on_failed_probation
+    from agent.ota.probation import ProbationGuard
     from agent.service import AgentService
 
     config = with_overrides(
@@ -43,31 +41,27 @@ def _run(args: argparse.Namespace) -> int:
         bundle=args.bundle,
         state_dir=args.state_dir,
     )
-    if config.bundle is None:
-        raise AgentError("bad_config", "no bundle: pass --bundle DIR or set [bundle] path")
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    log.info("edge-agent %s, device %s, bundle %s", __version__, config.device_id, config.bundle)
-    model: LoadedModel | None = None
-    problem: BundleError | None = None
-    try:
-        model = load_model(config.bundle, config.runtime)
-    except BundleError as exc:
-        if exc.code not in DEGRADED_CODES:
-            raise
-        # The bundle is intact but cannot run here: stay reachable and say why, so the fleet
-        # can see the device and send it a bundle that fits.
-        log.error("running degraded, no model: %s", exc)
-        problem = exc
+    log.info("edge-agent %s, device %s", __version__, config.device_id)
+    probation = ProbationGuard(
+        config.state_dir, config.ota.probation_crashes, config.ota.probation_window_s
+    )
+    roll_back_if_on_failed_probation(config, probation)
+    choice = choose_bundle(config)
+    model = choice.model
     if model is not None:
         manifest = model.bundle.manifest
         log.info(
-            "bundle %s %s (%s, %s) verified and loaded",
+            "bundle %s %s (%s, %s) from %s verified and loaded",
             manifest.name,
             manifest.version,
             manifest.precision,
             model.backend.info.device,
+            model.bundle.path,
         )
-    service = AgentService(config, model, problem=problem)
+    else:
+        log.error("running degraded, no model: %s", choice.problem)
+    service = AgentService(config, model, problem=choice.problem, probation=probation)
 
     stop = threading.Event()
 
@@ -84,8 +78,9 @@ def _run(args: argparse.Namespace) -> int:
     while not stop.wait(1.0):
         pass
     service.shutdown()
-    if model is not None:
-        model.backend.close()
+    if service.model is not None:
+        service.model.backend.close()
+    probation.on_clean_exit()
     log.info("stopped")
     return 0
 

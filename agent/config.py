@@ -47,6 +47,17 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class OtaConfig:
+    enabled: bool = True
+    trusted_keys_dir: Path = Path("/etc/edge-agent/trusted_keys")
+    require_signature: bool = True
+    max_bundle_bytes: int = 32 << 30
+    # Probation after a switch: this many abnormal exits within the window roll back by themselves.
+    probation_crashes: int = 3
+    probation_window_s: float = 600.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str = field(default_factory=lambda: _default_device_id())
     bundle: Path | None = None
@@ -54,6 +65,7 @@ class AgentConfig:
     mqtt: MqttConfig = MqttConfig()
     jobs: JobsConfig = JobsConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    ota: OtaConfig = OtaConfig()
 
 
 def _default_device_id() -> str:
@@ -82,6 +94,8 @@ def _section(cls: type[Any], raw: Any, name: str) -> Any:
         expected = type(getattr(defaults, key))
         if getattr(defaults, key) is None:
             expected = str
+        if isinstance(getattr(defaults, key), Path) and isinstance(value, str):
+            value = Path(value)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
@@ -102,13 +116,14 @@ def load_config(path: Path | None) -> AgentConfig:
         raise ConfigError("bad_config", f"config file {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("bad_config", f"{path} is not valid TOML: {exc}") from exc
-    unknown = sorted(set(raw) - {"device", "bundle", "state", "mqtt", "jobs", "runtime"})
+    unknown = sorted(set(raw) - {"device", "bundle", "state", "mqtt", "jobs", "runtime", "ota"})
     if unknown:
         raise ConfigError("bad_config", f"{path}: unknown section(s) {', '.join(unknown)}")
     config = AgentConfig(
         mqtt=_section(MqttConfig, raw.get("mqtt"), "mqtt"),
         jobs=_section(JobsConfig, raw.get("jobs"), "jobs"),
         runtime=_section(RuntimeConfig, raw.get("runtime"), "runtime"),
+        ota=_section(OtaConfig, raw.get("ota"), "ota"),
     )
     device = raw.get("device", {})
     if "id" in device:

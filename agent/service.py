@@ -18,6 +18,10 @@ from agent.generation import FinishReason, GenerationRequest, generate
 from agent.job_queue import Job, JobQueue, QueueFull, Reply, ResultStore
 from agent.jobs import InvalidPayload, JobRequest, RequestLimits, parse_cancel, parse_job
 from agent.mqtt_link import Incoming, MqttLink, Subscription
+from agent.ota.command import parse_update_command
+from agent.ota.errors import OtaError
+from agent.ota.installer import OtaHooks, OtaInstaller
+from agent.ota.probation import ProbationGuard
 from agent.runtime import LoadedModel
 from agent.topics import INVALID_JOB_ID, Topics, is_valid_publish_topic
 
@@ -31,6 +35,7 @@ class AgentService:
         model: LoadedModel | None,
         *,
         problem: AgentError | None = None,
+        probation: ProbationGuard | None = None,
     ) -> None:
         """`model` None means degraded: the device stays reachable (status `degraded` with
         `problem`, so an operator can see why and send a fix) but takes no fleet jobs and answers
@@ -49,6 +54,23 @@ class AgentService:
         self.results = ResultStore(config.jobs.results_kept)
         self._running: Job | None = None
         self._running_lock = threading.Lock()
+        # Held by the worker for a whole job, and by an OTA switch: a new model is swapped in only
+        # between jobs, so running jobs finish on the old model and queued ones wait.
+        self._model_lock = threading.Lock()
+        self._updating = False
+        self.ota: OtaInstaller | None = None
+        if config.ota.enabled:
+            self.ota = OtaInstaller(
+                config.state_dir,
+                config.ota,
+                config.runtime,
+                OtaHooks(
+                    publish_status=self._publish_ota_status,
+                    set_updating=self._set_updating,
+                    activate=self.activate,
+                ),
+                probation or ProbationGuard(config.state_dir, 3, 600.0),
+            )
         self._accepting = True
         self._stop_worker = threading.Event()
         self._since = events.utc_now_iso()
@@ -61,6 +83,7 @@ class AgentService:
             subscriptions=[
                 Subscription(self.topics.jobs),
                 Subscription(self.topics.cancel),
+                *([Subscription(self.topics.ota)] if config.ota.enabled else []),
                 # Without a working model we must not take jobs meant for any healthy device.
                 *([Subscription(self.topics.fleet_jobs_shared)] if model is not None else []),
             ],
@@ -73,6 +96,19 @@ class AgentService:
     def start(self) -> None:
         self._worker.start()
         self.link.start()
+        if self.ota is not None:
+            self.ota.resume()
+
+    def activate(self, model: LoadedModel) -> None:
+        """Serve `model` from the next job on; the running job finishes on the old one."""
+        with self._model_lock:
+            old, self.model = self.model, model
+            self.engine_info = model.engine_info
+            self.problem = None
+        if old is not None and old is not model:
+            old.backend.close()
+        log.info("now serving %s", model.engine_info)
+        self._publish_online()
 
     def shutdown(self, grace_s: float = 60.0) -> None:
         """Stop taking jobs, let the running one finish, refuse the queued ones, go offline."""
@@ -99,8 +135,24 @@ class AgentService:
     def handle_message(self, message: Incoming) -> None:
         if message.topic == self.topics.cancel:
             self._handle_cancel(message)
+        elif message.topic == self.topics.ota:
+            self._handle_ota(message)
         else:
             self._handle_job(message)
+
+    def _handle_ota(self, message: Incoming) -> None:
+        if self.ota is None:
+            return
+        try:
+            command = parse_update_command(message.payload, self.config.ota.max_bundle_bytes)
+        except OtaError as exc:
+            log.warning("refused an update command: %s", exc)
+            self._publish_ota_status(
+                {"id": None, "state": "failed", "version": None, "progress": 0.0,
+                 "error": {"code": exc.code, "message": exc.message}}
+            )  # fmt: skip
+            return
+        self.ota.submit(command)
 
     def _handle_job(self, message: Incoming) -> None:
         reply = self._reply_for(message)
@@ -212,7 +264,8 @@ class AgentService:
             with self._running_lock:
                 self._running = job
             try:
-                self._run(job)
+                with self._model_lock:
+                    self._run(job)
             finally:
                 with self._running_lock:
                     self._running = None
@@ -302,5 +355,12 @@ class AgentService:
         return status
 
     def _publish_online(self) -> None:
-        state = "online" if self.model is not None else "degraded"
+        state = "degraded" if self.model is None else "updating" if self._updating else "online"
         self.link.publish(self.topics.status, self._status(state), retain=True)
+
+    def _set_updating(self, updating: bool) -> None:
+        self._updating = updating
+        self._publish_online()
+
+    def _publish_ota_status(self, payload: dict[str, Any]) -> None:
+        self.link.publish(self.topics.ota_status, payload, retain=True)
