@@ -33,6 +33,7 @@ class MqttConfig:
 @dataclass(frozen=True)
 class JobsConfig:
     queue_size: int = 32
+    max_batch: int = 8  # jobs decoded together (continuous batching)
     default_max_tokens: int = 256
     max_tokens_limit: int = 2048
     max_payload_bytes: int = 256 * 1024
@@ -167,8 +168,10 @@ def validate(config: AgentConfig) -> AgentConfig:
         raise ConfigError("bad_config", "mqtt.prefix must be a non-empty topic without wildcards")
     if not 1 <= config.mqtt.port <= 65535:
         raise ConfigError("bad_config", f"mqtt.port {config.mqtt.port} is not a TCP port")
-    if config.jobs.queue_size < 1 or config.jobs.max_tokens_limit < 1:
-        raise ConfigError("bad_config", "jobs.queue_size and jobs.max_tokens_limit must be >= 1")
+    if min(config.jobs.queue_size, config.jobs.max_tokens_limit, config.jobs.max_batch) < 1:
+        raise ConfigError(
+            "bad_config", "jobs.queue_size, jobs.max_tokens_limit and jobs.max_batch must be >= 1"
+        )
     if config.runtime.backend not in ("auto", "onnxruntime"):
         raise ConfigError(
             "bad_config",

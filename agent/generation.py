@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agent.backends.base import Backend
+from agent.backends.base import Backend, Logits, TokenIds
 from agent.sampling import Sampler, SamplingParams
 from agent.text import TextCodec
 
@@ -100,6 +100,90 @@ class StopStringFilter:
         return min(longest, len(self.text) - self.emitted)
 
 
+class SequenceRun:
+    """One request's decoding bookkeeping, independent of the backend and of batching: sampling,
+    end-of-sequence, streaming through the detokenizer, stop strings, budget and interruption.
+
+    The caller feeds it the logits row of its next position (`accept`) until it says it is done;
+    `next_token` is what the backend must append next.
+    """
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        codec: TextCodec,
+        max_seq_len: int,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        interrupt: Interrupt | None = None,
+    ) -> None:
+        self.request = request
+        self._codec = codec
+        self._on_text = on_text
+        self._interrupt = interrupt
+        self._sampler = Sampler(request.sampling)
+        self._stream = codec.stream()
+        self._stops = StopStringFilter(request.stop)
+        self.budget = min(request.max_tokens, max_seq_len - len(request.prompt_ids))
+        self.tokens: list[int] = []
+        self.next_token = -1
+        self.finish: FinishReason | None = "length" if self.budget <= 0 else None
+        self.start = time.perf_counter()
+        self.ttft = 0.0
+        self._hit_stop = False
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    def prompt_array(self) -> TokenIds:
+        return np.asarray([list(self.request.prompt_ids)], dtype=np.int64)  # [1, S]
+
+    def accept(self, logits: Logits) -> bool:
+        """Choose the next token from this sequence's logits row ([vocab]); True when done."""
+        token = self._sampler.choose(logits)
+        if not self.tokens:
+            self.ttft = time.perf_counter() - self.start
+        if token in self._codec.eos_token_ids and not self.request.ignore_eos:
+            self.finish = "stop"
+            return True
+        self.tokens.append(token)
+        self.next_token = token
+        safe, self._hit_stop = self._stops.feed(self._stream.push(token))
+        self._emit(safe)
+        if self._hit_stop:
+            self.finish = "stop"
+        elif (reason := self._interrupt() if self._interrupt else None) is not None:
+            self.finish = reason
+        elif len(self.tokens) >= self.budget:
+            self.finish = "length"
+        return self.finish is not None
+
+    def result(self) -> GenerationResult:
+        """Flush what is held back and describe the finished sequence."""
+        if not self._hit_stop:
+            # A character may still be held back by the detokenizer or the stop-string filter.
+            safe, self._hit_stop = self._stops.feed(self._stream.flush())
+            self._emit(safe)
+            if self._hit_stop:
+                self.finish = "stop"
+            else:
+                self._emit(self._stops.finish())
+        now = time.perf_counter()
+        return GenerationResult(
+            text=self._stops.text,
+            token_ids=self.tokens,
+            finish_reason=self.finish or "length",
+            prompt_tokens=len(self.request.prompt_ids),
+            ttft_s=self.ttft or now - self.start,  # nothing sampled: the prompt filled the context
+            total_s=now - self.start,
+        )
+
+    def _emit(self, text: str) -> None:
+        if text and self._on_text is not None:
+            self._on_text(text)
+
+
 def generate(
     backend: Backend[Any],
     codec: TextCodec,
@@ -109,57 +193,12 @@ def generate(
     interrupt: Interrupt | None = None,
 ) -> GenerationResult:
     """Run one prompt to completion on a batch of one. Backend errors propagate (EngineError)."""
-    start = time.perf_counter()
-    sampler = Sampler(request.sampling)
-    stream = codec.stream()
-    stops = StopStringFilter(request.stop)
-    budget = min(request.max_tokens, backend.info.max_seq_len - len(request.prompt_ids))
-    tokens: list[int] = []
-    finish: FinishReason = "length"
-    ttft = 0.0
-
-    def emit(text: str) -> None:
-        if text and on_text is not None:
-            on_text(text)
-
-    state = backend.new_state(1)
-    prompt = np.asarray([list(request.prompt_ids)], dtype=np.int64)  # [1, S]
-    logits = backend.prefill(state, prompt)  # [1, vocab]
-    hit_stop = False
-    while len(tokens) < budget:
-        token = sampler.choose(logits[0])
-        if not tokens:
-            ttft = time.perf_counter() - start
-        if token in codec.eos_token_ids and not request.ignore_eos:
-            finish = "stop"
-            break
-        tokens.append(token)
-        safe, hit_stop = stops.feed(stream.push(token))
-        emit(safe)
-        if hit_stop:
-            finish = "stop"
-            break
-        reason = interrupt() if interrupt is not None else None
-        if reason is not None:
-            finish = reason
-            break
-        if len(tokens) < budget:
-            logits = backend.decode(state, np.asarray([token], dtype=np.int64))  # [1, vocab]
-    if not hit_stop:
-        # A character may still be held back by the detokenizer or the stop-string filter.
-        safe, hit_stop = stops.feed(stream.flush())
-        emit(safe)
-        if hit_stop:
-            finish = "stop"
-        else:
-            emit(stops.finish())
-    if ttft == 0.0:  # nothing was sampled (the prompt filled the context)
-        ttft = time.perf_counter() - start
-    return GenerationResult(
-        text=stops.text,
-        token_ids=tokens,
-        finish_reason=finish,
-        prompt_tokens=len(request.prompt_ids),
-        ttft_s=ttft,
-        total_s=time.perf_counter() - start,
+    run = SequenceRun(
+        request, codec, backend.info.max_seq_len, on_text=on_text, interrupt=interrupt
     )
+    if not run.done:
+        state = backend.new_state(1)
+        logits = backend.prefill(state, run.prompt_array())  # [1, vocab]
+        while not run.accept(logits[0]):
+            logits = backend.decode(state, np.asarray([run.next_token], dtype=np.int64))
+    return run.result()

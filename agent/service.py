@@ -12,9 +12,10 @@ import time
 from typing import Any
 
 from agent import __version__, events
+from agent.batching import BatchGenerator
 from agent.config import AgentConfig
 from agent.errors import AgentError, JobError
-from agent.generation import FinishReason, GenerationRequest, generate
+from agent.generation import FinishReason, GenerationRequest, GenerationResult, SequenceRun
 from agent.job_queue import Job, JobQueue, QueueFull, Reply, ResultStore
 from agent.jobs import InvalidPayload, JobRequest, RequestLimits, parse_cancel, parse_job
 from agent.mqtt_link import Incoming, MqttLink, Subscription
@@ -52,11 +53,12 @@ class AgentService:
         )
         self.queue = JobQueue(config.jobs.queue_size)
         self.results = ResultStore(config.jobs.results_kept)
-        self._running: Job | None = None
+        self._running: dict[str, Job] = {}
         self._running_lock = threading.Lock()
-        # Held by the worker for a whole job, and by an OTA switch: a new model is swapped in only
-        # between jobs, so running jobs finish on the old model and queued ones wait.
-        self._model_lock = threading.Lock()
+        # An OTA switch hands the new model to the worker, which swaps it in once the running
+        # batch has drained: running jobs finish on the old model, queued ones wait, none fail.
+        self._pending_model: LoadedModel | None = None
+        self._swapped = threading.Event()
         self._updating = False
         self.ota: OtaInstaller | None = None
         if config.ota.enabled:
@@ -100,15 +102,23 @@ class AgentService:
             self.ota.resume()
 
     def activate(self, model: LoadedModel) -> None:
-        """Serve `model` from the next job on; the running job finishes on the old one."""
-        with self._model_lock:
-            old, self.model = self.model, model
-            self.engine_info = model.engine_info
-            self.problem = None
-        if old is not None and old is not model:
+        """Serve `model` from the next batch on (called by the OTA installer; blocks until the
+        worker has swapped it in)."""
+        self._swapped.clear()
+        self._pending_model = model
+        self._swapped.wait()
+
+    def _swap_model(self) -> None:
+        old, self.model = self.model, self._pending_model
+        assert self.model is not None
+        self.engine_info = self.model.engine_info
+        self.problem = None
+        self._pending_model = None
+        if old is not None and old is not self.model:
             old.backend.close()
-        log.info("now serving %s", model.engine_info)
+        log.info("now serving %s", self.engine_info)
         self._publish_online()
+        self._swapped.set()
 
     def shutdown(self, grace_s: float = 60.0) -> None:
         """Stop taking jobs, let the running one finish, refuse the queued ones, go offline."""
@@ -123,10 +133,10 @@ class AgentService:
         self._stop_worker.set()
         self._worker.join(grace_s)
         with self._running_lock:
-            running = self._running
-        if running is not None:  # past the grace period: stop it and still answer it
-            running.cancel_requested.set()
-            self._worker.join(10)
+            running = list(self._running.values())
+        for job in running:  # past the grace period: stop them and still answer them
+            job.cancel_requested.set()
+        self._worker.join(10)
         self.link.publish_and_wait(self.topics.status, self._status("offline"), timeout=5)
         self.link.stop()
 
@@ -232,7 +242,7 @@ class AgentService:
 
     def _is_active(self, job_id: str) -> bool:
         with self._running_lock:
-            if self._running is not None and self._running.id == job_id:
+            if job_id in self._running:
                 return True
         return self.queue.contains(job_id)
 
@@ -248,8 +258,8 @@ class AgentService:
             self._finish_unstarted(queued, "cancelled")
             return
         with self._running_lock:
-            running = self._running
-        if running is not None and running.id == job_id:
+            running = self._running.get(job_id)
+        if running is not None:
             running.cancel_requested.set()
         else:
             log.info("cancel for %s: not queued or running (already answered?)", job_id)
@@ -257,21 +267,29 @@ class AgentService:
     # --- the worker ------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while not self._stop_worker.is_set():
-            job = self.queue.get(timeout=0.5)
-            if job is None:
+        """Continuous batching: admit queued jobs into free batch slots, step the batch, repeat.
+        On shutdown, no new job is admitted and the running ones finish."""
+        batch: BatchGenerator | None = None
+        while not self._stop_worker.is_set() or (batch is not None and not batch.idle):
+            if self._pending_model is not None and (batch is None or batch.idle):
+                self._swap_model()
+                batch = None
+            model = self.model
+            if model is None:  # degraded: nothing is ever queued
+                self._stop_worker.wait(0.5)
                 continue
-            with self._running_lock:
-                self._running = job
-            try:
-                with self._model_lock:
-                    self._run(job)
-            finally:
-                with self._running_lock:
-                    self._running = None
+            if batch is None:
+                batch = BatchGenerator(model.backend, self.config.jobs.max_batch)
+            admitting = self._pending_model is None and not self._stop_worker.is_set()
+            while admitting and batch.free_slots > 0:
+                job = self.queue.get(timeout=0.5 if batch.idle else 0.0)
+                if job is None:
+                    break
+                self._start(job, batch, model)
+            if not batch.idle:
+                batch.step()
 
-    def _run(self, job: Job) -> None:
-        assert self.model is not None  # jobs are only queued when there is a model
+    def _start(self, job: Job, batch: BatchGenerator, model: LoadedModel) -> None:
         started = time.monotonic()
         if job.deadline_passed(started):
             self._finish_unstarted(job, "deadline")
@@ -291,35 +309,43 @@ class AgentService:
                 return "deadline"
             return None
 
+        def on_finished(
+            run: SequenceRun, result: GenerationResult | None, error: AgentError | None
+        ) -> None:
+            with self._running_lock:
+                self._running.pop(job.id, None)
+            if result is None:
+                message = error.message if error is not None else "unknown failure"
+                log.error("job %s failed: %s", job.id, message)
+                self._send_error(job.reply, job.id, "engine_error", message)
+                return
+            done = events.done_from_result(
+                job.id,
+                result,
+                queue_ms=(started - job.received) * 1000,
+                total_ms=(time.monotonic() - job.received) * 1000,
+                engine=model.engine_info,
+                device=self.config.device_id,
+            )
+            self.results.put(job.id, done)
+            self._publish(job.reply, done)
+
         request = GenerationRequest(
             prompt_ids=job.prompt_ids,
             max_tokens=job.request.max_tokens,
             sampling=job.request.sampling,
             stop=job.request.stop,
         )
-        try:
-            result = generate(
-                self.model.backend, self.model.codec, request, on_text=on_text, interrupt=interrupt
-            )
-        except AgentError as exc:
-            log.error("job %s failed: %s", job.id, exc)
-            self._send_error(job.reply, job.id, "engine_error", exc.message)
-            return
-        except Exception as exc:  # never let one job take the agent down
-            log.exception("job %s failed unexpectedly", job.id)
-            self._send_error(job.reply, job.id, "engine_error", f"{type(exc).__name__}: {exc}")
-            return
-        now = time.monotonic()
-        done = events.done_from_result(
-            job.id,
-            result,
-            queue_ms=(started - job.received) * 1000,
-            total_ms=(now - job.received) * 1000,
-            engine=self.engine_info,
-            device=self.config.device_id,
+        run = SequenceRun(
+            request,
+            model.codec,
+            model.backend.info.max_seq_len,
+            on_text=on_text,
+            interrupt=interrupt,
         )
-        self.results.put(job.id, done)
-        self._publish(job.reply, done)
+        with self._running_lock:
+            self._running[job.id] = job
+        batch.submit(run, on_finished)
 
     def _finish_unstarted(self, job: Job, reason: FinishReason) -> None:
         waited = (time.monotonic() - job.received) * 1000

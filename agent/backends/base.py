@@ -58,6 +58,15 @@ class Backend(Protocol[StateT]):
         """token_ids: [B] (one new token per row) -> next-token logits: [B, vocab]."""
         ...
 
+    def concat(self, states: list[StateT]) -> StateT:
+        """One batch holding every row of `states`, in order. Rows of different lengths are
+        left-padded (masked), which is how a new job joins a running batch."""
+        ...
+
+    def select(self, state: StateT, rows: list[int]) -> StateT:
+        """A batch of only `rows` of `state` (finished jobs leave the batch)."""
+        ...
+
     def close(self) -> None:
         """Release sessions and device memory."""
         ...

@@ -91,6 +91,30 @@ class OnnxRuntimeBackend:
     def decode(self, state: OrtDecodeState, token_ids: TokenIds) -> Logits:
         return self._step(state, np.asarray(token_ids, dtype=np.int64).reshape(-1, 1))
 
+    def concat(self, states: list[OrtDecodeState]) -> OrtDecodeState:
+        length = max(st.length for st in states)
+        batch = sum(st.batch_size for st in states)
+        mask = np.concatenate([_pad_left(st.attention_mask, length, axis=1) for st in states])
+        past = {
+            name: ort.OrtValue.ortvalue_from_numpy(
+                np.concatenate([_pad_left(st.past[name].numpy(), length, axis=2) for st in states])
+            )
+            for name in self._past_names
+        }
+        return OrtDecodeState(batch, mask, past)
+
+    def select(self, state: OrtDecodeState, rows: list[int]) -> OrtDecodeState:
+        mask = state.attention_mask[rows]
+        # Columns no remaining row attends to (left padding of rows that left) are dropped.
+        first = int(np.argmax(mask.any(axis=0))) if mask.size else 0
+        past = {
+            name: ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(value.numpy()[rows][:, :, first:, :])
+            )
+            for name, value in state.past.items()
+        }
+        return OrtDecodeState(len(rows), np.ascontiguousarray(mask[:, first:]), past)
+
     def close(self) -> None:
         del self._session
 
@@ -133,6 +157,15 @@ class OnnxRuntimeBackend:
 
     def _output_order(self) -> list[str]:
         return ["logits", *self._present_names.values()]
+
+
+def _pad_left(array: np.ndarray, length: int, axis: int) -> np.ndarray:
+    missing = length - array.shape[axis]
+    if missing == 0:
+        return array
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (missing, 0)
+    return np.pad(array, widths)
 
 
 def _default_providers() -> list[str]:

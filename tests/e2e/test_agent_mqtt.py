@@ -166,7 +166,7 @@ def test_prompt_too_long(
 def test_queue_full_duplicate_and_stored_answer(
     agent_service: ServiceFactory, probe: MqttProbe
 ) -> None:
-    service = agent_service(queue_size=1)
+    service = agent_service(queue_size=1, max_batch=1)  # one running, one queued
     running = results_topic(service, "long-a")
     probe.subscribe(running)
     probe.publish(
@@ -195,7 +195,7 @@ def ask_no_wait(probe: MqttProbe, service: AgentService, payload: dict[str, Any]
 
 
 def test_cancel_a_queued_job_and_deadline(agent_service: ServiceFactory, probe: MqttProbe) -> None:
-    service = agent_service()
+    service = agent_service(max_batch=1)
     running = ask_no_wait(
         probe, service, {"id": "busy", "messages": LONG, "stream": True, "max_tokens": 200}
     )
@@ -258,7 +258,7 @@ def test_engine_error_is_reported_and_the_agent_carries_on(
 def test_shutting_down_refuses_queued_jobs_and_finishes_the_running_one(
     agent_service: ServiceFactory, probe: MqttProbe
 ) -> None:
-    service = agent_service()
+    service = agent_service(max_batch=1)
     running = ask_no_wait(
         probe, service, {"id": "last", "messages": LONG, "stream": True, "max_tokens": 24}
     )
@@ -362,3 +362,26 @@ def test_decode_logits_match_a_full_recompute(loaded_model: LoadedModel) -> None
     cached = backend.decode(state, np.asarray([ids[-1]], dtype=np.int64))
     fresh = backend.prefill(backend.new_state(1), np.asarray([ids], dtype=np.int64))
     np.testing.assert_allclose(cached, fresh, atol=1e-3)
+
+
+def test_concurrent_jobs_are_batched_and_answer_as_alone(
+    agent_service: ServiceFactory, probe: MqttProbe
+) -> None:
+    service = agent_service(max_batch=4)
+    questions = ["What is the capital of France?", "Name a primary color.", "What is 2 plus 2?"]
+    alone = []
+    for i, question in enumerate(questions):
+        messages = [{"role": "user", "content": question}]
+        alone.append(ask(probe, service, {"id": f"solo-{i}", "messages": messages})[-1]["text"])
+    topics = [
+        ask_no_wait(
+            probe,
+            service,
+            {"id": f"together-{i}", "messages": [{"role": "user", "content": q}], "stream": True},
+        )
+        for i, q in enumerate(questions)
+    ]
+    for topic, expected in zip(topics, alone, strict=True):
+        events = probe.events_until_final(topic)
+        assert events[-1]["text"] == expected
+        assert "".join(e["text"] for e in events if e["event"] == "delta") == expected

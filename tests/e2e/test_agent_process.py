@@ -14,7 +14,8 @@ from tests.conftest import Broker, MqttProbe, start_agent, wait_status
 def test_status_online_then_offline_after_sigterm(
     default_bundle: Path, broker: Broker, probe: MqttProbe, tmp_path: Path
 ) -> None:
-    agent = start_agent(default_bundle, broker, tmp_path)
+    # One job at a time, so that a second job is queued (not batched) when SIGTERM arrives.
+    agent = start_agent(default_bundle, broker, tmp_path, config="[jobs]\nmax_batch = 1\n")
     try:
         online = wait_status(probe, agent.device, "online")
         assert online["engine"]["backend"] == "onnxruntime"
