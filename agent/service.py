@@ -388,5 +388,5 @@ class AgentService:
         self._updating = updating
         self._publish_online()
 
-    def _publish_ota_status(self, payload: dict[str, Any]) -> None:
-        self.link.publish(self.topics.ota_status, payload, retain=True)
+    def _publish_ota_status(self, payload: dict[str, Any], retain: bool = True) -> None:
+        self.link.publish(self.topics.ota_status, payload, retain=retain)

@@ -1,3 +1,3 @@
-"""The operator's side: send prompts to devices (signing, updates and rollouts come later)."""
+"""The operator's side: send prompts, sign and pack bundles, serve and roll out updates."""
 
 __version__ = "0.1.0"

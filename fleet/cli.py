@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 from agent.config import MqttConfig
+from agent.errors import AgentError
 from fleet import __version__
+from fleet.pack import pack_bundle
 from fleet.prompt import NoAnswer, PromptJob, print_event, send_prompt
+from fleet.rollout import DeviceResult, format_summary, parse_max_failures, rollout
+from fleet.serve import ServeKnobs, make_server
+from fleet.signing import generate_keypair, load_trusted, sign_bundle, verify_bundle
+from fleet.update import OtaStatus, UpdateError, UpdateTimeout, format_status, send_update
 
 DESCRIPTION = """\
 Operate a fleet of edge agents over MQTT.
@@ -17,6 +26,18 @@ Operate a fleet of edge agents over MQTT.
   edge-fleet prompt "What is the capital of France?" --device orin-01
   edge-fleet prompt "Summarise ..." --broker mqtt.site:1883 --max-tokens 200 --json
   edge-fleet prompt "Hello" --fleet            # any one device (shared subscription)
+
+Over-the-air bundle updates, end to end:
+
+  edge-fleet keygen --out ~/fleet-keys          # once; install fleet.pub on every device
+  edge-fleet sign bundles/qwen2.5-3b --key ~/fleet-keys/fleet.key
+  edge-fleet verify bundles/qwen2.5-3b --trusted ~/fleet-keys/fleet.pub
+  edge-fleet pack bundles/qwen2.5-3b --out www/qwen2.5-3b.tar
+  edge-fleet serve www --host 0.0.0.0           # or any web server with Range support
+  edge-fleet update --device orin-01 --url http://HOST:8000/qwen2.5-3b.tar --sha256 H --size N \\
+      --version V
+  edge-fleet rollout --devices-file fleet.txt --url ... --sha256 H --size N --version V \\
+      --max-failures 10%
 """
 
 
@@ -54,6 +75,354 @@ def _prompt(args: argparse.Namespace) -> int:
     return 0 if final.get("event") == "done" else 1
 
 
+# --- signing ----------------------------------------------------------------------------------
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    private_path, public_path = generate_keypair(args.out, args.name)
+    key = load_trusted([public_path])[0]
+    print(f"private key  {private_path}  (mode 0600: keep it offline, never copy it to a device)")
+    print(f"public key   {public_path}")
+    print(f"key id       {key.key_id}")
+    print(
+        f"\nnext: install {public_path.name} on every device, in the agent's ota.trusted_keys_dir"
+        "\n      (default /etc/edge-agent/trusted_keys/), then sign bundles with:"
+        f"\n      edge-fleet sign BUNDLE --key {private_path}"
+    )
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    key_id = sign_bundle(args.bundle, args.key)
+    print(f"signed {args.bundle} with key {key_id}: wrote {args.bundle / 'manifest.sig'}")
+    print(f"next: edge-fleet pack {args.bundle} --out FILE.tar")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = verify_bundle(args.bundle, args.trusted)
+    print(
+        f"OK: {report.name} {report.version} is signed by trusted key {report.key_id} "
+        f"({report.key_path}); all {report.files} files ({_mb(report.total_bytes)}) match "
+        "the manifest"
+    )
+    return 0
+
+
+# --- transport ----------------------------------------------------------------------------------
+
+
+def _pack(args: argparse.Namespace) -> int:
+    trusted = load_trusted(args.trusted) if args.trusted else None
+    result = pack_bundle(args.bundle, args.out, allow_unsigned=args.allow_unsigned, trusted=trusted)
+    url = args.url_base.rstrip("/") + "/" + result.path.name
+    common = f"--url {url} --sha256 {result.sha256} --size {result.size} --version {result.version}"
+    print(f"archive  {result.path}")
+    print(f"sha256   {result.sha256}  (also in {result.path.name}.sha256)")
+    print(f"size     {result.size} bytes ({_mb(result.size)})")
+    print(f"bundle   {result.name} {result.version}")
+    print(f"\nserve it:      edge-fleet serve {result.path.parent} --host 0.0.0.0")
+    print(f"update one:    edge-fleet update --device DEVICE {common}")
+    print(f"roll it out:   edge-fleet rollout --devices-file FLEET.txt {common}")
+    return 0
+
+
+def _parse_rate(value: str) -> float:
+    """`500k`, `2M`, `1048576`: bytes per second (k = 1000, M = 10^6)."""
+    units = {"k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9}
+    text = value.strip().removesuffix("/s").removesuffix("B")
+    try:
+        rate = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(
+            f"expected bytes per second like 500k or 2M, got {value!r}"
+        ) from None
+    if rate <= 0:
+        raise argparse.ArgumentTypeError("the rate must be positive")
+    return rate
+
+
+def _serve(args: argparse.Namespace) -> int:
+    knobs = ServeKnobs(args.rate, args.fail_after, args.fail_times)
+    try:
+        server = make_server(args.directory, args.host, args.port, knobs)
+    except (OSError, NotADirectoryError) as exc:
+        print(f"edge-fleet: error: cannot serve {args.directory}: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    shown_host = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
+    base = f"http://{shown_host}:{server.server_address[1]}/"
+    print(f"serving {args.directory.resolve()} on {base} (Ctrl-C to stop)", flush=True)
+    for path in sorted(args.directory.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            print(f"  {base}{path.name}", flush=True)
+    with server:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
+    return 0
+
+
+# --- updates ----------------------------------------------------------------------------------
+
+
+def _broker(args: argparse.Namespace) -> MqttConfig:
+    host, port = args.broker
+    return MqttConfig(host=host, port=port, prefix=args.prefix, session_expiry_s=0)
+
+
+def _update(args: argparse.Namespace) -> int:
+    def on_status(status: OtaStatus) -> None:
+        if args.json:
+            print(json.dumps(status.to_json()), flush=True)
+        else:
+            print(format_status(args.device, status), flush=True)
+
+    try:
+        final = send_update(
+            _broker(args), args.device, args.url, args.sha256, args.size, args.version,
+            args.id, timeout_s=args.timeout, on_status=on_status,
+        )  # fmt: skip
+    except UpdateTimeout as exc:
+        print(f"edge-fleet: {exc}", file=sys.stderr)
+        return 3
+    except UpdateError as exc:
+        if exc.code == "no_broker":
+            print(f"edge-fleet: {exc}", file=sys.stderr)
+            return 3
+        raise
+    return 0 if final.state == "active" else 1
+
+
+def _read_devices(args: argparse.Namespace) -> list[str]:
+    if args.devices is not None:
+        return [d.strip() for d in args.devices.split(",") if d.strip()]
+    try:
+        text = args.devices_file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UpdateError("bad_command", f"cannot read --devices-file: {exc}") from exc
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    devices = _read_devices(args)
+    last_state: dict[str, str] = {}
+
+    def on_wave(index: int, waves: list[list[str]]) -> None:
+        if not args.json:
+            kind = " (canary)" if index == 0 else ""
+            wave = waves[index]
+            print(f"wave {index + 1}/{len(waves)}{kind}: {len(wave)} device(s): {', '.join(wave)}")
+
+    def on_status(device: str, status: OtaStatus) -> None:
+        if not args.json and last_state.get(device) != status.state:  # transitions only
+            last_state[device] = status.state
+            print(f"  {format_status(device, status)}", flush=True)
+
+    def on_result(result: DeviceResult) -> None:
+        if not args.json and result.state == "timeout":
+            print(f"  {result.device} timeout: {result.error}", flush=True)
+
+    try:
+        summary = rollout(
+            _broker(args), devices, args.url, args.sha256, args.size, args.version,
+            canary=args.canary, growth=args.growth, max_failures=args.max_failures,
+            per_device_timeout_s=args.timeout, update_id=args.id,
+            on_wave=on_wave, on_status=on_status, on_result=on_result,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"edge-fleet rollout: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        print()
+        print(format_summary(summary))
+    return 0 if summary.ok else 1
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _max_failures(value: str) -> int | float:
+    try:
+        return parse_max_failures(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _add_broker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker", type=_parse_broker, default=("localhost", 1883), metavar="HOST:PORT",
+        help="the MQTT broker the devices use (default localhost:1883)",
+    )  # fmt: skip
+    parser.add_argument("--prefix", default="edgellm", help="topic prefix (default edgellm)")
+
+
+def _add_update_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", required=True, help="where devices download the archive")
+    parser.add_argument("--sha256", required=True, help="the archive's sha256 (from `pack`)")
+    parser.add_argument(
+        "--size", required=True, type=_positive_int, help="the archive's size in bytes"
+    )
+    parser.add_argument("--version", required=True, help="the bundle's manifest version")
+    parser.add_argument("--id", help="update id (default: a random one)")
+    _add_broker_args(parser)
+
+
+def _add_ota_verbs(verbs: Any) -> None:
+    keygen = verbs.add_parser(
+        "keygen",
+        help="make an Ed25519 key pair for signing bundles",
+        description="Write NAME.key (the private key, PEM PKCS8, mode 0600) and NAME.pub (the "
+        "public key) into --out, and print the key id. Keep NAME.key on the operator's machine; "
+        "install NAME.pub on every device, in the agent's ota.trusted_keys_dir (default "
+        "/etc/edge-agent/trusted_keys/). Existing keys are never overwritten. Several .pub files "
+        "may be trusted at once, which is how a key is rotated: install the new .pub, sign with "
+        "the new key, then remove the old .pub.",
+    )
+    keygen.add_argument("--out", type=Path, required=True, help="directory for the key files")
+    keygen.add_argument("--name", default="fleet", help="file name stem (default: fleet)")
+    keygen.set_defaults(handler=_keygen)
+
+    sign = verbs.add_parser(
+        "sign",
+        help="sign a bundle's manifest (writes manifest.sig)",
+        description="Check every file of BUNDLE against its manifest, then write manifest.sig: "
+        "the base64 Ed25519 signature of the exact bytes of manifest.json. Since the manifest "
+        "holds the sha256 of every other file, this signs the whole bundle. A bundle that does "
+        "not match its manifest is refused, never signed. Exit status: 0 signed, 1 refused.",
+    )
+    sign.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle directory")
+    sign.add_argument("--key", type=Path, required=True, help="NAME.key from `edge-fleet keygen`")
+    sign.set_defaults(handler=_sign)
+
+    verify = verbs.add_parser(
+        "verify",
+        help="verify a bundle as a device will (signature + every file hash)",
+        description="Check that manifest.sig is a signature of manifest.json by one of the "
+        "trusted keys, then that every file matches the manifest: what a device does before "
+        "installing an update. Exit status: 0 verified, 1 refused (unsigned, bad_signature, "
+        "untrusted, tampered, ...).",
+    )
+    verify.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle directory")
+    verify.add_argument(
+        "--trusted", type=Path, nargs="+", required=True, metavar="DIR_OR_PUB",
+        help=".pub files, or directories of them (like a device's trusted_keys_dir)",
+    )  # fmt: skip
+    verify.set_defaults(handler=_verify)
+
+    pack = verbs.add_parser(
+        "pack",
+        help="pack a signed bundle into the .tar an update points at",
+        description="Write an uncompressed, reproducible tar of BUNDLE (its files at the top "
+        "level; the same bundle always gives the same bytes) and FILE.tar.sha256 beside it, "
+        "then print the sha256, the size and the exact `edge-fleet update` and `rollout` "
+        "command lines. Unsigned or changed bundles are refused.",
+    )
+    pack.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle directory")
+    pack.add_argument("--out", type=Path, required=True, metavar="FILE.tar")
+    pack.add_argument(
+        "--allow-unsigned", action="store_true",
+        help="pack a bundle without manifest.sig (devices with ota.require_signature refuse it)",
+    )  # fmt: skip
+    pack.add_argument(
+        "--trusted", type=Path, nargs="+", metavar="DIR_OR_PUB",
+        help="also check that the signature is by one of these keys",
+    )  # fmt: skip
+    pack.add_argument(
+        "--url-base", default=f"http://{socket.gethostname()}:8000/",
+        help="where the archive will be served, for the printed commands "
+        "(default http://THIS-HOST:8000/, what `edge-fleet serve` uses)",
+    )  # fmt: skip
+    pack.set_defaults(handler=_pack)
+
+    serve = verbs.add_parser(
+        "serve",
+        help="serve update archives over HTTP (with Range, for resumable downloads)",
+        description="Serve the files directly inside DIR over plain HTTP, with byte ranges so "
+        "devices resume a broken download. For a lab or a site network: the sha256 in the "
+        "update command and the bundle signature make the download trustworthy, not the "
+        "transport. Bind --host 0.0.0.0 to reach devices on other machines.",
+    )
+    serve.add_argument("directory", type=Path, metavar="DIR")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument(
+        "--rate", type=_parse_rate, metavar="BYTES_PER_S",
+        help="throttle each download, e.g. 500k or 2M (testing resumable downloads)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--fail-after", type=_positive_int, metavar="BYTES",
+        help="TEST KNOB: drop each connection after this many body bytes",
+    )  # fmt: skip
+    serve.add_argument(
+        "--fail-times", type=_positive_int, metavar="N",
+        help="TEST KNOB: with --fail-after, drop only the first N responses",
+    )  # fmt: skip
+    serve.set_defaults(handler=_serve)
+
+    update = verbs.add_parser(
+        "update",
+        help="update one device and follow its progress",
+        description="Publish the update command to P/DEVICE/ota and print each state the "
+        "device reports on P/DEVICE/ota/status (downloading, verifying, testing) until it is "
+        "final: active (the new bundle serves), rolled_back or failed (the old bundle still "
+        "serves). Take --url, --sha256, --size and --version from `edge-fleet pack`. Exit "
+        "status: 0 active, 1 failed or rolled back, 3 no final state in time (or no broker).",
+    )
+    update.add_argument("--device", required=True, help="device id")
+    _add_update_args(update)
+    update.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds to wait for the end (1800)"
+    )
+    update.add_argument("--json", action="store_true", help="print each status as a JSON line")
+    update.set_defaults(handler=_update)
+
+    rollout_verb = verbs.add_parser(
+        "rollout",
+        help="update many devices in growing waves, halting on failures",
+        description="Update a canary wave first (--canary devices), then waves growing by "
+        "--growth (1, 2, 4, 8, ... by default), each in parallel and followed to the end. After "
+        "each wave, if the failures (failed, rolled_back, timeout) exceed --max-failures, no "
+        "further wave starts and the remaining devices are reported skipped. Prints each wave, "
+        "state changes, and a summary table. Exit status: 0 every device active, 1 halted or "
+        "any failure, 2 bad arguments.",
+    )
+    devices = rollout_verb.add_mutually_exclusive_group(required=True)
+    devices.add_argument("--devices", help="comma-separated device ids, in rollout order")
+    devices.add_argument(
+        "--devices-file", type=Path, metavar="FILE",
+        help="one device id per line, in rollout order (# comments allowed)",
+    )  # fmt: skip
+    _add_update_args(rollout_verb)
+    rollout_verb.add_argument(
+        "--canary", type=_positive_int, default=1, help="devices in the first wave (1)"
+    )
+    rollout_verb.add_argument(
+        "--growth", type=float, default=2.0, help="each wave is this many times the last (2)"
+    )
+    rollout_verb.add_argument(
+        "--max-failures", type=_max_failures, default=0, metavar="N|P%",
+        help="failures tolerated before halting: a count, or a percentage of the devices "
+        "attempted (default 0: the first failure halts)",
+    )  # fmt: skip
+    rollout_verb.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds per device (1800)"
+    )
+    rollout_verb.add_argument("--json", action="store_true", help="print only the summary, as JSON")
+    rollout_verb.set_defaults(handler=_rollout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-fleet",
@@ -84,12 +453,17 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (300)")
     prompt.add_argument("--json", action="store_true", help="print each event as a JSON line")
     prompt.set_defaults(handler=_prompt)
+    _add_ota_verbs(verbs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+    except AgentError as exc:  # every refusal has a code and says what to do
+        print(f"edge-fleet {args.verb}: error {exc}", file=sys.stderr)
+        return 2 if exc.code == "bad_command" else 1
     return code
 
 

@@ -40,7 +40,7 @@ HOLD_ENV = "EDGE_AGENT_OTA_HOLD"
 class OtaHooks:
     """What the installer needs from the running agent."""
 
-    publish_status: Callable[[dict[str, Any]], None]  # retained ota/status
+    publish_status: Callable[[dict[str, Any], bool], None]  # ota/status (payload, retain)
     set_updating: Callable[[bool], None]  # agent status `updating` while an update runs
     activate: Callable[[LoadedModel], None]  # swap the serving model between jobs
 
@@ -71,15 +71,19 @@ class OtaInstaller:
         """Start an update in the background, unless one is already running."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
+                running = self.store.load()
+                if running is not None and running.command.id == command.id:
+                    return  # a repeat of the running update: its own statuses keep coming
                 busy = OtaRecord(command, "failed").moved_to(
                     "failed",
                     error={"code": "busy", "message": "another update is in progress; retry"},
                 )
-                self.hooks.publish_status(busy.status_payload())
+                # Not retained: the retained status stays the running update's.
+                self.hooks.publish_status(busy.status_payload(), False)
                 return
             last = self.store.load()
             if last is not None and last.command.id == command.id and last.state in FINAL_STATES:
-                self.hooks.publish_status(last.status_payload())  # already done: say so again
+                self.hooks.publish_status(last.status_payload(), True)  # already done: say so again
                 return
             record = OtaRecord(command, "downloading").moved_to("downloading")
             self._start(record)
@@ -90,7 +94,7 @@ class OtaInstaller:
         if record is None:
             return
         if record.state in FINAL_STATES:
-            self.hooks.publish_status(record.status_payload())
+            self.hooks.publish_status(record.status_payload(), True)
             return
         if record.state == "switching" and self.slots.current() == record.slot:
             # The switch happened just before the cut: the agent now runs the new bundle.
@@ -142,7 +146,7 @@ class OtaInstaller:
                 if now - last_sent[0] >= 1.0 or fraction >= 1.0:
                     last_sent[0] = now
                     self.hooks.publish_status(
-                        record.moved_to("downloading", progress=fraction).status_payload()
+                        record.moved_to("downloading", progress=fraction).status_payload(), True
                     )
 
             download(command.url, archive, size=command.size, sha256=command.sha256,
@@ -213,7 +217,7 @@ class OtaInstaller:
 
     def _save(self, record: OtaRecord) -> OtaRecord:
         self.store.save(record)
-        self.hooks.publish_status(record.status_payload())
+        self.hooks.publish_status(record.status_payload(), True)
         return record
 
 

@@ -1,0 +1,233 @@
+"""`edge-fleet update`: send one device an update command and follow it to its end.
+
+The command goes to `P/D/ota` (QoS 1): `{"id", "url", "sha256", "size", "version"}`. The device
+reports on `P/D/ota/status`, retained, so whoever subscribes (now, or after a reconnect) sees the
+latest state at once. That retained message may belong to an OLDER update: statuses are matched
+on `id`, and those of other ids are ignored. Because final states are retained too, a status we
+missed in flight is never fatal: the last one always arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from agent.config import MqttConfig
+from agent.errors import AgentError
+from agent.jobs import JOB_ID_RE
+from agent.mqtt_link import Incoming, MqttLink, Subscription
+from agent.topics import Topics
+
+log = logging.getLogger(__name__)
+
+OtaState = Literal["downloading", "verifying", "testing", "active", "rolled_back", "failed"]
+OTA_STATES: frozenset[str] = frozenset(
+    {"downloading", "verifying", "testing", "active", "rolled_back", "failed"}
+)
+FINAL_STATES: frozenset[str] = frozenset({"active", "rolled_back", "failed"})
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+CONNECT_TIMEOUT_S = 10.0
+
+
+class UpdateError(AgentError):
+    """An update could not be sent or followed (bad arguments, no broker)."""
+
+
+class UpdateTimeout(UpdateError):
+    """No final status within the timeout; `last` is the last status seen, if any."""
+
+    def __init__(self, message: str, last: OtaStatus | None) -> None:
+        super().__init__("timeout", message)
+        self.last = last
+
+
+@dataclass(frozen=True)
+class UpdateCommand:
+    """DESIGN.md's update command, validated before it is sent (a device would refuse it)."""
+
+    id: str
+    url: str
+    sha256: str
+    size: int
+    version: str
+
+    def __post_init__(self) -> None:
+        def bad(message: str) -> UpdateError:
+            return UpdateError("bad_command", message)
+
+        if not JOB_ID_RE.match(self.id):
+            raise bad(f"update id {self.id!r}: use 1-128 characters of A-Za-z0-9._:-")
+        if urlparse(self.url).scheme not in ("http", "https") or not urlparse(self.url).netloc:
+            raise bad(f"--url {self.url!r}: devices download over http:// or https://")
+        if not SHA256_RE.match(self.sha256):
+            raise bad(f"--sha256 {self.sha256!r}: 64 lowercase hex digits (`edge-fleet pack`)")
+        if self.size <= 0:
+            raise bad(f"--size {self.size}: the archive's size in bytes (`edge-fleet pack`)")
+        if not 0 < len(self.version) <= 64:
+            raise bad("--version must be 1-64 characters (the bundle's manifest version)")
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "url": self.url,
+            "sha256": self.sha256,
+            "size": self.size,
+            "version": self.version,
+        }
+
+
+@dataclass(frozen=True)
+class OtaStatus:
+    """One `ota/status` message, validated at the edge."""
+
+    id: str
+    state: OtaState
+    version: str | None
+    progress: float | None
+    error: dict[str, Any] | None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def error_text(self) -> str:
+        if not self.error:
+            return ""
+        return f"[{self.error.get('code', '?')}] {self.error.get('message', '')}".strip()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "version": self.version,
+            "progress": self.progress,
+            "error": self.error,
+        }
+
+
+def parse_status(payload: bytes) -> OtaStatus | None:
+    """An `ota/status` payload, or None if it is not one (logged and skipped, never fatal)."""
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError):
+        log.warning("skipping an ota/status message that is not JSON")
+        return None
+    if not isinstance(data, dict):
+        return None
+    status_id, state = data.get("id"), data.get("state")
+    if not isinstance(status_id, str) or state not in OTA_STATES:
+        log.warning("skipping an ota/status message without a valid id and state: %r", data)
+        return None
+    progress = data.get("progress")
+    error = data.get("error")
+    version = data.get("version")
+    return OtaStatus(
+        id=status_id,
+        state=state,
+        version=version if isinstance(version, str) else None,
+        progress=float(progress)
+        if isinstance(progress, int | float) and not isinstance(progress, bool)
+        else None,
+        error=error if isinstance(error, dict) else None,
+    )
+
+
+def new_update_id() -> str:
+    return f"upd-{uuid.uuid4().hex[:12]}"
+
+
+def send_update(
+    broker: MqttConfig,
+    device: str,
+    url: str,
+    sha256: str,
+    size: int,
+    version: str,
+    update_id: str | None = None,
+    *,
+    timeout_s: float = 1800.0,
+    on_status: Callable[[OtaStatus], None] | None = None,
+) -> OtaStatus:
+    """Publish the update command to `device` and return its final status (active,
+    rolled_back or failed). Every status of this update is passed to `on_status` as it arrives.
+
+    Raises UpdateError (`bad_command`, `no_broker`) or UpdateTimeout (`timeout`)."""
+    if not JOB_ID_RE.match(device):
+        raise UpdateError("bad_command", f"device id {device!r}: 1-128 characters of A-Za-z0-9._:-")
+    command = UpdateCommand(update_id or new_update_id(), url, sha256.lower(), size, version)
+    topics = Topics(broker.prefix, device)
+    statuses: queue.Queue[OtaStatus] = queue.Queue()
+
+    def on_message(message: Incoming) -> None:
+        status = parse_status(message.payload)
+        if status is not None and status.id == command.id:
+            statuses.put(status)
+
+    link = MqttLink(
+        broker,
+        client_id=f"edge-fleet-ota-{uuid.uuid4().hex[:8]}",
+        subscriptions=[Subscription(topics.ota_status)],
+        on_message=on_message,
+    )
+    link.start()
+    try:
+        if not link.wait_connected(min(CONNECT_TIMEOUT_S, timeout_s)):
+            raise UpdateError(
+                "no_broker",
+                f"cannot reach the MQTT broker at {broker.host}:{broker.port}; check --broker",
+            )
+        link.publish(topics.ota, command.payload(), qos=1)
+        return _follow(statuses, command, topics, timeout_s, on_status)
+    finally:
+        link.stop()
+
+
+def _follow(
+    statuses: queue.Queue[OtaStatus],
+    command: UpdateCommand,
+    topics: Topics,
+    timeout_s: float,
+    on_status: Callable[[OtaStatus], None] | None,
+) -> OtaStatus:
+    deadline = time.monotonic() + timeout_s
+    last: OtaStatus | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            seen = f"its last status was {last.state}" if last else "it sent no status"
+            raise UpdateTimeout(
+                f"update {command.id} of {topics.device} did not finish within {timeout_s:.0f} s "
+                f"({seen}); is the agent online and subscribed? Its progress stays "
+                f"readable, retained, on {topics.ota_status}",
+                last,
+            )
+        try:
+            status = statuses.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        last = status
+        if on_status is not None:
+            on_status(status)
+        if status.final:
+            return status
+
+
+def format_status(device: str, status: OtaStatus) -> str:
+    """One human progress line: `orin-01 downloading 42%`, `orin-01 failed [code] message`."""
+    line = f"{device} {status.state}"
+    if status.state == "downloading" and status.progress is not None:
+        line += f" {status.progress * 100:.0f}%"
+    if status.state == "active" and status.version:
+        line += f" (version {status.version})"
+    if status.error:
+        line += f" {status.error_text}"
+    return line
