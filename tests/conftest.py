@@ -186,6 +186,11 @@ class MqttProbe:
                 return message
             self.pending.append(message)
 
+    def drain(self) -> None:
+        """Move everything received so far into `pending`, without waiting."""
+        while not self.inbox.empty():
+            self.pending.append(self.inbox.get_nowait())
+
     def events_until_final(self, topic: str, timeout: float = 120.0) -> list[dict[str, Any]]:
         """Every event on `topic` up to and including `done` or `error`."""
         events: list[dict[str, Any]] = []
@@ -236,6 +241,7 @@ def start_agent(
     *,
     device: str | None = None,
     config: str = "",
+    env: dict[str, str] | None = None,
 ) -> AgentProcess:
     device = device or unique_device()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +254,12 @@ def start_agent(
         (workdir / "agent.toml").write_text(config)
         args += ["--config", str(workdir / "agent.toml")]
     log_path = workdir / "agent.log"
-    process = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        args,
+        stdout=log_path.open("ab"),  # appended: a restarted agent keeps one log
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
     return AgentProcess(process, device, log_path)
 
 

@@ -197,7 +197,10 @@ class OtaInstaller:
         return "factory"  # no slot was current: rolling back means the configured bundle
 
     def _fail(self, record: OtaRecord, code: str, message: str) -> OtaRecord:
-        failed = self._save(record.moved_to("failed", error={"code": code, "message": message}))
+        # A bundle that was installed into its slot and then refused on this device (its
+        # canaries) is rolled back; anything refused earlier simply failed.
+        state: OtaStateName = "rolled_back" if code == "canary_failed" else "failed"
+        failed = self._save(record.moved_to(state, error={"code": code, "message": message}))
         self._cleanup(failed, keep_partial=code == "download_failed")
         if record.slot is not None and record.slot != self.slots.current():
             shutil.rmtree(self.slots.path(record.slot), ignore_errors=True)
