@@ -8,13 +8,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 MOSQUITTO := $(shell command -v mosquitto || ls /usr/sbin/mosquitto 2>/dev/null)
+SHELLCHECK := $(shell command -v shellcheck)
 
-.PHONY: demo test lint typecheck setup mosquitto clean
+.PHONY: demo test lint typecheck setup mosquitto test-tools clean
 
 demo: setup mosquitto
 	$(PY) scripts/demo.py
 
-test: setup mosquitto lint typecheck
+test: setup mosquitto test-tools lint typecheck
 	$(PY) -m pytest
 
 lint: setup
@@ -39,6 +40,13 @@ mosquitto:
 ifeq ($(MOSQUITTO),)
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto
+endif
+
+# shellcheck for the tests of jetson/*.sh (systemd-analyze and openssl come with Debian).
+test-tools:
+ifeq ($(SHELLCHECK),)
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq shellcheck
 endif
 
 clean:

@@ -7,10 +7,11 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
-from agent import __version__
+from agent import __version__, sdnotify
 from agent.config import load_config, with_overrides
 from agent.errors import AgentError
 
@@ -47,6 +48,7 @@ def _run(args: argparse.Namespace) -> int:
         config.state_dir, config.ota.probation_crashes, config.ota.probation_window_s
     )
     roll_back_if_on_failed_probation(config, probation)
+    sdnotify.status("verifying and loading the bundle")
     choice = choose_bundle(config)
     model = choice.model
     if model is not None:
@@ -61,7 +63,10 @@ def _run(args: argparse.Namespace) -> int:
         )
     else:
         log.error("running degraded, no model: %s", choice.problem)
-    service = AgentService(config, model, problem=choice.problem, probation=probation)
+    watchdog = sdnotify.Watchdog()
+    service = AgentService(
+        config, model, problem=choice.problem, probation=probation, watchdog=watchdog
+    )
 
     stop = threading.Event()
 
@@ -73,10 +78,24 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     service.start()
     broker = f"{config.mqtt.host}:{config.mqtt.port}"
-    if not service.link.wait_connected(10):
+    # READY=1 only once the bundle is loaded and the broker connected; until then systemd keeps
+    # the unit "activating" (and we keep extending its start timeout) instead of restarting it.
+    while not service.link.wait_connected(10) and not stop.is_set():
         log.warning("broker %s not reachable yet; retrying in the background", broker)
+        sdnotify.status(f"waiting for the broker {broker}")
+        sdnotify.extend_timeout(60)
+    if model is not None:
+        manifest = model.bundle.manifest
+        sdnotify.ready(f"serving {manifest.name} {manifest.version} ({manifest.precision})")
+    else:
+        sdnotify.ready(f"degraded: {choice.problem}")
+    last_purge = time.monotonic()
     while not stop.wait(1.0):
-        pass
+        watchdog.tick()  # pings systemd only while the worker's heartbeat is fresh
+        if time.monotonic() - last_purge > 3600:
+            service.purge_journal()
+            last_purge = time.monotonic()
+    sdnotify.stopping("finishing the running jobs")
     service.shutdown()
     if service.model is not None:
         service.model.backend.close()

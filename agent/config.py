@@ -14,6 +14,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.jobs import JOB_ID_RE
+from agent.telemetry.config import TelemetryConfig, validate_telemetry
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class MqttConfig:
     session_expiry_s: int = 3600
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
+    # TLS: a CA to trust the broker by, and this device's client certificate (mutual TLS).
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,12 @@ class JobsConfig:
     max_tokens_limit: int = 2048
     max_payload_bytes: int = 256 * 1024
     results_kept: int = 1024  # answered jobs remembered so a repeated id gets the stored answer
+    retention_s: float = 86400.0  # how long the journal keeps answered jobs
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    backend: str = "auto"  # "auto" | "onnxruntime"
+    backend: str = "auto"  # "auto" (the bundle decides) | "onnxruntime" | "tensorrt"
     threads: int = 0  # 0 = ONNX Runtime's default (one per physical core)
     max_seq_len: int = 0  # 0 = the bundle's own context length
 
@@ -67,6 +73,7 @@ class AgentConfig:
     jobs: JobsConfig = JobsConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     ota: OtaConfig = OtaConfig()
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 def _default_device_id() -> str:
@@ -117,7 +124,8 @@ def load_config(path: Path | None) -> AgentConfig:
         raise ConfigError("bad_config", f"config file {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("bad_config", f"{path} is not valid TOML: {exc}") from exc
-    unknown = sorted(set(raw) - {"device", "bundle", "state", "mqtt", "jobs", "runtime", "ota"})
+    sections = {"device", "bundle", "state", "mqtt", "jobs", "runtime", "ota", "telemetry"}
+    unknown = sorted(set(raw) - sections)
     if unknown:
         raise ConfigError("bad_config", f"{path}: unknown section(s) {', '.join(unknown)}")
     config = AgentConfig(
@@ -125,6 +133,7 @@ def load_config(path: Path | None) -> AgentConfig:
         jobs=_section(JobsConfig, raw.get("jobs"), "jobs"),
         runtime=_section(RuntimeConfig, raw.get("runtime"), "runtime"),
         ota=_section(OtaConfig, raw.get("ota"), "ota"),
+        telemetry=_section(TelemetryConfig, raw.get("telemetry"), "telemetry"),
     )
     device = raw.get("device", {})
     if "id" in device:
@@ -172,9 +181,13 @@ def validate(config: AgentConfig) -> AgentConfig:
         raise ConfigError(
             "bad_config", "jobs.queue_size, jobs.max_tokens_limit and jobs.max_batch must be >= 1"
         )
-    if config.runtime.backend not in ("auto", "onnxruntime"):
+    validate_telemetry(config.telemetry)
+    if config.mqtt.cert_file and not config.mqtt.key_file:
+        raise ConfigError("bad_config", "mqtt.cert_file needs mqtt.key_file")
+    if config.runtime.backend not in ("auto", "onnxruntime", "tensorrt"):
         raise ConfigError(
             "bad_config",
-            f"runtime.backend {config.runtime.backend!r}: this agent supports auto, onnxruntime",
+            f"runtime.backend {config.runtime.backend!r}: this agent supports auto, onnxruntime, "
+            "tensorrt",
         )
     return config

@@ -56,11 +56,11 @@ class JobQueue:
         self._cond = threading.Condition()
         self._closed = False
 
-    def put(self, job: Job, announce: Callable[[int], None]) -> None:
+    def put(self, job: Job, announce: Callable[[int], None], force: bool = False) -> None:
         """Queue a job, calling `announce(position)` first (under the lock) so its `accepted` event
         is published before a worker can start it. Position 0 = next to run."""
         with self._cond:
-            if len(self._heap) >= self.capacity:
+            if len(self._heap) >= self.capacity and not force:  # force: jobs already accepted
                 raise QueueFull
             key = -job.request.priority
             announce(sum(1 for k, _, _ in self._heap if k <= key))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from agent import __version__, events
@@ -18,12 +20,15 @@ from agent.errors import AgentError, JobError
 from agent.generation import FinishReason, GenerationRequest, GenerationResult, SequenceRun
 from agent.job_queue import Job, JobQueue, QueueFull, Reply, ResultStore
 from agent.jobs import InvalidPayload, JobRequest, RequestLimits, parse_cancel, parse_job
+from agent.journal import JobJournal, JournalError
 from agent.mqtt_link import Incoming, MqttLink, Subscription
 from agent.ota.command import parse_update_command
 from agent.ota.errors import OtaError
 from agent.ota.installer import OtaHooks, OtaInstaller
 from agent.ota.probation import ProbationGuard
 from agent.runtime import LoadedModel
+from agent.sdnotify import Watchdog
+from agent.telemetry import TelemetryCollector, TelemetryPublisher
 from agent.topics import INVALID_JOB_ID, Topics, is_valid_publish_topic
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,7 @@ class AgentService:
         *,
         problem: AgentError | None = None,
         probation: ProbationGuard | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         """`model` None means degraded: the device stays reachable (status `degraded` with
         `problem`, so an operator can see why and send a fix) but takes no fleet jobs and answers
@@ -53,6 +59,17 @@ class AgentService:
         )
         self.queue = JobQueue(config.jobs.queue_size)
         self.results = ResultStore(config.jobs.results_kept)
+        self._watchdog = watchdog
+        self._done_count = 0
+        self._failed_count = 0
+        self.journal, self._journal_problem = _open_journal(config)
+        self.telemetry = TelemetryCollector(config.telemetry)
+        self._publisher = TelemetryPublisher(
+            config.telemetry.interval_s,
+            self._telemetry_payload,
+            lambda payload: self.link.publish(self.topics.telemetry, payload, qos=0),
+        )
+        self._metrics: Any = None
         self._running: dict[str, Job] = {}
         self._running_lock = threading.Lock()
         # An OTA switch hands the new model to the worker, which swaps it in once the running
@@ -96,10 +113,44 @@ class AgentService:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._requeue_journaled()
         self._worker.start()
         self.link.start()
         if self.ota is not None:
             self.ota.resume()
+        self.telemetry.start(wait_s=2.0)
+        self._publisher.start()
+        if self.config.telemetry.metrics_port:
+            from agent.telemetry.metrics import start_metrics_server
+
+            self._metrics = start_metrics_server(
+                self.config.telemetry.metrics_port,
+                self.telemetry,
+                self.config.telemetry.metrics_addr,
+            )
+
+    def _requeue_journaled(self) -> None:
+        """Jobs accepted before a crash or reboot but never answered run again."""
+        if self.journal is None or self.model is None:
+            return
+        for entry in self.journal.unfinished():
+            reply = Reply(entry.reply_topic, entry.correlation_data)
+            if entry.attempts >= MAX_ATTEMPTS:
+                message = f"this job was running when the agent stopped {entry.attempts} times"
+                failure = events.error(entry.job_id, "engine_error", message)
+                self._record(partial(self._journal_call, "record_failed", entry.job_id, failure))
+                self._send_error(reply, entry.job_id, "engine_error", message)
+                continue
+            try:
+                request = parse_job(entry.request_payload, self.limits)
+                prompt_ids = self._encode(request, self.model)
+            except JobError as exc:  # cannot happen for a job accepted by the same rules
+                self._send_error(reply, entry.job_id, exc.job_code, exc.message)
+                continue
+            waited = max(0.0, time.time() - entry.received_at)
+            job = Job(request, prompt_ids, reply, received=time.monotonic() - waited)
+            self.queue.put(job, lambda _pos: None, force=True)
+            log.info("re-running journaled job %s (accepted %.0f s ago)", entry.job_id, waited)
 
     def activate(self, model: LoadedModel) -> None:
         """Serve `model` from the next batch on (called by the OTA installer; blocks until the
@@ -129,6 +180,8 @@ class AgentService:
         self.link.unsubscribe(self.topics.fleet_jobs_shared)
         self.queue.close()
         for job in self.queue.drain():
+            # Refused, not kept: the sender resubmits, so the journal must not run it again.
+            self._record(partial(self._journal_forget, job.id))
             self._send_error(job.reply, job.id, "shutting_down", "the agent is shutting down")
         self._stop_worker.set()
         self._worker.join(grace_s)
@@ -137,8 +190,14 @@ class AgentService:
         for job in running:  # past the grace period: stop them and still answer them
             job.cancel_requested.set()
         self._worker.join(10)
+        self._publisher.stop()
+        if self._metrics is not None:
+            self._metrics.close()
+        self.telemetry.stop()
         self.link.publish_and_wait(self.topics.status, self._status("offline"), timeout=5)
         self.link.stop()
+        if self.journal is not None:
+            self.journal.close()
 
     # --- incoming messages (paho's network thread) -----------------------------------------
 
@@ -181,7 +240,7 @@ class AgentService:
                 "the Response Topic is not a topic that can be published to",
             )
             return
-        self._admit(request, reply or Reply(self.topics.results(request.id)))
+        self._admit(request, reply or Reply(self.topics.results(request.id)), message.payload)
 
     def _reply_for(self, message: Incoming) -> Reply | None:
         topic = message.response_topic
@@ -189,8 +248,8 @@ class AgentService:
             return None
         return Reply(topic, message.correlation_data)
 
-    def _admit(self, request: JobRequest, reply: Reply) -> None:
-        stored = self.results.get(request.id)
+    def _admit(self, request: JobRequest, reply: Reply, payload: bytes) -> None:
+        stored = self.results.get(request.id) or self._journal_answer(request.id)
         if stored is not None:
             self._publish(reply, stored)
             return
@@ -214,9 +273,19 @@ class AgentService:
             self._send_error(reply, request.id, exc.job_code, exc.message)
             return
         job = Job(request, prompt_ids, reply)
+        if self.journal is not None:
+            try:  # journaled before `accepted` is sent: an accepted job survives a crash
+                self.journal.record_accepted(
+                    request.id, payload, reply.topic, reply.correlation_data, time.time()
+                )
+            except JournalError as exc:
+                self._journal_failed(exc)
+                self._send_error(reply, request.id, "engine_error", exc.message)
+                return
         try:
             self.queue.put(job, lambda pos: self._publish(reply, events.accepted(request.id, pos)))
         except QueueFull:
+            self._record(lambda: self._journal_forget(request.id))
             self._send_error(
                 reply,
                 request.id,
@@ -271,6 +340,8 @@ class AgentService:
         On shutdown, no new job is admitted and the running ones finish."""
         batch: BatchGenerator | None = None
         while not self._stop_worker.is_set() or (batch is not None and not batch.idle):
+            if self._watchdog is not None:
+                self._watchdog.beat()
             if self._pending_model is not None and (batch is None or batch.idle):
                 self._swap_model()
                 batch = None
@@ -279,7 +350,8 @@ class AgentService:
                 self._stop_worker.wait(0.5)
                 continue
             if batch is None:
-                batch = BatchGenerator(model.backend, self.config.jobs.max_batch)
+                limit = model.backend.info.max_batch or self.config.jobs.max_batch
+                batch = BatchGenerator(model.backend, min(limit, self.config.jobs.max_batch))
             admitting = self._pending_model is None and not self._stop_worker.is_set()
             while admitting and batch.free_slots > 0:
                 job = self.queue.get(timeout=0.5 if batch.idle else 0.0)
@@ -303,6 +375,8 @@ class AgentService:
                 seq += 1
 
         def interrupt() -> FinishReason | None:
+            if self._watchdog is not None:
+                self._watchdog.beat()  # once per token: a hung decode step stops the beats
             if job.cancel_requested.is_set():
                 return "cancelled"
             if job.deadline_passed():
@@ -317,7 +391,10 @@ class AgentService:
             if result is None:
                 message = error.message if error is not None else "unknown failure"
                 log.error("job %s failed: %s", job.id, message)
-                self._send_error(job.reply, job.id, "engine_error", message)
+                self._failed_count += 1
+                failure = events.error(job.id, "engine_error", message)
+                self._record(lambda: self._journal_call("record_failed", job.id, failure))
+                self._publish(job.reply, failure)
                 return
             done = events.done_from_result(
                 job.id,
@@ -327,9 +404,21 @@ class AgentService:
                 engine=model.engine_info,
                 device=self.config.device_id,
             )
+            if result.completion_tokens:
+                self.telemetry.record_job(
+                    result.ttft_s * 1000,
+                    result.completion_tokens - 1,
+                    result.total_s - result.ttft_s,
+                )
+            energy = self.telemetry.job_energy(started, time.monotonic(), result.completion_tokens)
+            if energy is not None:  # only where the hardware reports its power rails
+                done["energy"] = energy.to_event()
+            self._done_count += 1
+            self._record(lambda: self._journal_call("record_done", job.id, done))
             self.results.put(job.id, done)
             self._publish(job.reply, done)
 
+        self._record(lambda: self._journal_call("record_started", job.id))
         request = GenerationRequest(
             prompt_ids=job.prompt_ids,
             max_tokens=job.request.max_tokens,
@@ -362,6 +451,7 @@ class AgentService:
             engine=self.engine_info,
             device=self.config.device_id,
         )
+        self._record(lambda: self._journal_call("record_done", job.id, done))
         self.results.put(job.id, done)
         self._publish(job.reply, done)
 
@@ -376,8 +466,9 @@ class AgentService:
 
     def _status(self, state: str) -> dict[str, Any]:
         status = events.status(state, __version__, self.engine_info, self._since)
-        if self.problem is not None:
-            status["error"] = {"code": self.problem.code, "message": self.problem.message}
+        problem = self.problem or self._journal_problem
+        if problem is not None:
+            status["error"] = {"code": problem.code, "message": problem.message}
         return status
 
     def _publish_online(self) -> None:
@@ -390,3 +481,66 @@ class AgentService:
 
     def _publish_ota_status(self, payload: dict[str, Any], retain: bool = True) -> None:
         self.link.publish(self.topics.ota_status, payload, retain=retain)
+
+    # --- the journal and telemetry ---------------------------------------------------------
+
+    def _journal_answer(self, job_id: str) -> dict[str, Any] | None:
+        if self.journal is None:
+            return None
+        try:
+            answer = self.journal.stored_answer(job_id)
+        except JournalError as exc:
+            self._journal_failed(exc)
+            return None
+        # Only a `done` is an answer to repeat; after an engine_error the same id may be retried.
+        return answer if answer is not None and answer.get("event") == "done" else None
+
+    def _journal_call(self, method: str, *args: Any) -> None:
+        if self.journal is not None:
+            getattr(self.journal, method)(*args)
+
+    def _journal_forget(self, job_id: str) -> None:
+        self._journal_call("forget", job_id)
+
+    def _record(self, write: Callable[[], None]) -> None:
+        """A journal write after the job was accepted: a failure is reported, the job goes on."""
+        try:
+            write()
+        except JournalError as exc:
+            self._journal_failed(exc)
+
+    def _journal_failed(self, exc: JournalError) -> None:
+        if self._journal_problem is None or self._journal_problem.message != exc.message:
+            log.error("job journal: %s", exc)
+            self._journal_problem = exc
+            self._publish_online()
+
+    def purge_journal(self) -> None:
+        self._record(lambda: self._journal_call("purge_expired"))
+
+    def _telemetry_payload(self) -> dict[str, Any]:
+        with self._running_lock:
+            running = len(self._running)
+        jobs = {
+            "queued": len(self.queue),
+            "running": running,
+            "done": self._done_count,
+            "failed": self._failed_count,
+        }
+        return self.telemetry.snapshot(jobs, self.engine_info, self.config.device_id)
+
+
+MAX_ATTEMPTS = 3  # a job that was running at 3 crashes is not run a 4th time
+
+
+def _open_journal(config: AgentConfig) -> tuple[JobJournal | None, JournalError | None]:
+    """The job journal, or why there is none (reported in the status; jobs are still taken)."""
+    try:
+        journal = JobJournal.in_state_dir(config.state_dir, config.jobs.retention_s)
+    except JournalError as exc:
+        log.error("job journal unavailable, accepted jobs will not survive a restart: %s", exc)
+        return None, exc
+    recovered = journal.recovered.as_error() if journal.recovered is not None else None
+    if recovered is not None:
+        log.error("job journal: %s", recovered)
+    return journal, recovered
