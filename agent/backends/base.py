@@ -26,6 +26,7 @@ class BackendInfo:
     device: str  # e.g. "cpu", "cuda:0"
     max_seq_len: int  # tokens of context one row can hold (prompt + generated)
     vocab_size: int
+    max_batch: int = 0  # rows one batch can hold; 0 = no fixed limit (ONNX Runtime)
 
 
 class DecodeState(Protocol):
