@@ -33,6 +33,7 @@ class BenchSettings:
     new_tokens: int = 128
     runs: int = 5
     threads: int = 0
+    concurrency: int = 0  # > 1: also measure N jobs decoded together (continuous batching)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class BenchResult:
     decode_tokens_per_s_all: list[float]
     peak_rss_mb: float
     load_s: float
+    concurrency: int = 0
+    aggregate_tokens_per_s: float | None = None  # N concurrent jobs, median
+    single_tokens_per_s: float | None = None  # the same measurement with one job, median
 
 
 def bench_prompt_ids(codec: Any, prompt_tokens: int) -> list[int]:
@@ -77,6 +81,10 @@ def _bench_one(bundle_dir: str, settings: BenchSettings) -> dict[str, Any]:
         result = generate(model.backend, model.codec, request)
         ttfts.append(result.ttft_s * 1000)
         rates.append(result.decode_tokens_per_s)
+    aggregate = single = None
+    if settings.concurrency > 1:
+        single = _aggregate_rate(model, request, 1, settings.runs)
+        aggregate = _aggregate_rate(model, request, settings.concurrency, settings.runs)
     manifest = model.bundle.manifest
     size = sum(int(entry["size"]) for entry in manifest.files.values())
     return asdict(
@@ -94,8 +102,34 @@ def _bench_one(bundle_dir: str, settings: BenchSettings) -> dict[str, Any]:
             decode_tokens_per_s_all=[round(r, 1) for r in rates],
             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             load_s=round(load_s, 2),
+            concurrency=settings.concurrency,
+            aggregate_tokens_per_s=aggregate,
+            single_tokens_per_s=single,
         )
     )
+
+
+def _aggregate_rate(model: Any, request: Any, jobs: int, runs: int) -> float:
+    """Generated tokens per second of wall time, `jobs` jobs submitted at once (median)."""
+    import time
+
+    from agent.batching import BatchGenerator
+    from agent.generation import SequenceRun
+
+    rates = []
+    for _ in range(runs):
+        batch = BatchGenerator(model.backend, max_batch=jobs)
+        runs_ = [
+            SequenceRun(request, model.codec, model.backend.info.max_seq_len) for _ in range(jobs)
+        ]
+        for run in runs_:
+            batch.submit(run, lambda *_: None)
+        started = time.perf_counter()
+        while not batch.idle:
+            batch.step()
+        elapsed = time.perf_counter() - started
+        rates.append(sum(len(run.tokens) for run in runs_) / elapsed)
+    return round(statistics.median(rates), 1)
 
 
 def _child(bundle_dir: str, settings: BenchSettings, out: Any) -> None:
@@ -120,11 +154,12 @@ def run_bench(bundles: list[Path], settings: BenchSettings) -> list[dict[str, An
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    header = ("bundle", "precision", "size MB", "prompt", "TTFT ms", "decode tok/s", "peak RSS MB")
+    header = ("bundle", "precision", "size MB", "prompt", "TTFT ms", "decode tok/s", "peak RSS MB",
+              "N jobs tok/s")  # fmt: skip
     rows = [header]
     for r in results:
         if "error" in r:
-            rows.append((r["bundle"], "error", r["error"], "", "", "", ""))
+            rows.append((r["bundle"], "error", r["error"], "", "", "", "", ""))
             continue
         rows.append(
             (
@@ -135,12 +170,20 @@ def format_table(results: list[dict[str, Any]]) -> str:
                 f"{r['ttft_ms']:.0f}",
                 f"{r['decode_tokens_per_s']:.1f}",
                 f"{r['peak_rss_mb']:.0f}",
+                _aggregate_cell(r),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _aggregate_cell(r: dict[str, Any]) -> str:
+    if not r.get("aggregate_tokens_per_s"):
+        return "-"
+    gain = r["aggregate_tokens_per_s"] / r["single_tokens_per_s"]
+    return f"{r['concurrency']}: {r['aggregate_tokens_per_s']:.0f} ({gain:.1f}x)"
 
 
 def to_json(results: list[dict[str, Any]], settings: BenchSettings) -> str:

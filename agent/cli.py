@@ -112,6 +112,7 @@ def _bench(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         runs=args.runs,
         threads=args.threads,
+        concurrency=args.concurrency,
     )
     results = run_bench(args.bundle, settings)
     print(to_json(results, settings) if args.json else format_table(results))
@@ -153,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--runs", type=int, default=5)
     bench.add_argument("--threads", type=int, default=0, help="0 = one per physical core")
+    bench.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure aggregate tokens/s of N jobs decoded together vs one",
+    )
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.set_defaults(handler=_bench)
     return parser

@@ -7,7 +7,8 @@ from pathlib import Path
 def test_bench_reports_medians_per_bundle(default_bundle: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "agent", "bench", "--bundle", str(default_bundle),
-         "--runs", "2", "--new-tokens", "8", "--prompt-tokens", "40", "--json"],
+         "--runs", "2", "--new-tokens", "8", "--prompt-tokens", "40", "--json",
+         "--concurrency", "2"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -18,6 +19,8 @@ def test_bench_reports_medians_per_bundle(default_bundle: Path) -> None:
     assert len(figures["decode_tokens_per_s_all"]) == 2
     assert figures["decode_tokens_per_s"] > 0 and figures["ttft_ms"] > 0
     assert figures["peak_rss_mb"] > 100 and figures["precision"] == "fp32"
+    assert figures["concurrency"] == 2
+    assert figures["aggregate_tokens_per_s"] > 0 and figures["single_tokens_per_s"] > 0
 
 
 def test_bench_table_and_a_broken_bundle(default_bundle: Path, tmp_path: Path) -> None:
