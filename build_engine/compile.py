@@ -15,7 +15,6 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,9 +29,9 @@ from agent.text import TextCodec
 from build_engine import __version__
 from build_engine.bundle_writer import TOKENIZER_FILES, publish_bundle, write_json
 from build_engine.errors import BuildError
+from build_engine.progress import Progress, Steps
 from build_engine.tensorrt import require_tensorrt
 
-Progress = Callable[[str], None]
 TIMING_CACHE_NAME = "tensorrt-timing.cache"
 DEFAULT_MAX_CONTEXT = 4096  # KV memory grows with batch x context; raise it with --max-context
 STEPS = 6
@@ -61,7 +60,7 @@ def compile_bundle(
     out = out.resolve()
     if out.exists() and not options.force:
         raise BuildError("out_exists", f"{out} already exists; pass --force to replace it")
-    steps = _Steps(progress, STEPS)
+    steps = Steps(progress, STEPS)
 
     steps(f"verifying the ONNX bundle {bundle_dir}")
     source = open_source_bundle(bundle_dir)
@@ -187,7 +186,7 @@ def _build_engine(
     options: CompileOptions,
     timing_cache: Path,
     engine_path: Path,
-    steps: _Steps,
+    steps: Steps,
     progress: Progress,
 ) -> tuple[float, list[dict[str, Any]]]:
     from build_engine.tensorrt.engine_builder import BuildSettings, build_serialized_engine
@@ -295,21 +294,6 @@ def _manifest(
     }
     write_json(staging / MANIFEST_NAME, manifest)
     return manifest
-
-
-class _Steps:
-    """Numbered progress lines with the time since the compile started."""
-
-    def __init__(self, progress: Progress, total: int) -> None:
-        self._progress = progress
-        self._total = total
-        self._index = 0
-        self._start = time.monotonic()
-
-    def __call__(self, message: str) -> None:
-        self._index += 1
-        elapsed = time.monotonic() - self._start
-        self._progress(f"[{self._index}/{self._total}] {message} (+{elapsed:.0f} s)")
 
 
 # --- command line ---------------------------------------------------------------------------------

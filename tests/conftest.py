@@ -23,6 +23,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.bundle import MANIFEST_NAME, file_table
+
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -273,3 +275,43 @@ def wait_status(probe: MqttProbe, device: str, state: str, timeout: float = 60) 
         if data["state"] == state:
             return dict(data)
     raise AssertionError(f"status of {device} never became {state}")
+
+
+# --- bundles ---------------------------------------------------------------------------------
+
+
+def make_synthetic_bundle(
+    root: Path, *, version: str = "1", files: dict[str, bytes] | None = None
+) -> Path:
+    """A small, structurally valid bundle (the model bytes are not a real graph)."""
+    root.mkdir(parents=True)
+    contents = files or {
+        "model.onnx": b"graph" * 1000,
+        "tokenizer.json": b"{}",
+        "golden.json": b'{"canaries": []}',
+    }
+    for name, data in contents.items():
+        (root / name).write_bytes(data)
+    manifest = {
+        "format": 1,
+        "name": "tiny",
+        "version": version,
+        "created": "2026-01-02T03:04:05Z",
+        "source": {"model": "x"},
+        "arch": {
+            "model_type": "llama",
+            "layers": 2,
+            "kv_heads": 2,
+            "head_dim": 8,
+            "hidden": 16,
+            "vocab": 10,
+            "max_seq_len": 64,
+        },
+        "backend": "onnxruntime",
+        "precision": "fp32",
+        "target": None,
+        "files": file_table(root),
+        "quality": {},
+    }
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    return root

@@ -3,37 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle import MANIFEST_NAME, file_table, open_bundle, read_manifest
+from agent.bundle import MANIFEST_NAME, open_bundle, read_manifest
 from agent.errors import BundleError
-
-
-def make_bundle(root: Path) -> Path:
-    root.mkdir()
-    (root / "model.onnx").write_bytes(b"graph" * 100)
-    (root / "tokenizer.json").write_text("{}")
-    manifest = {
-        "format": 1,
-        "name": "tiny",
-        "version": "1",
-        "created": "2026-01-01T00:00:00Z",
-        "source": {"model": "x"},
-        "arch": {
-            "model_type": "llama",
-            "layers": 2,
-            "kv_heads": 2,
-            "head_dim": 8,
-            "hidden": 16,
-            "vocab": 10,
-            "max_seq_len": 64,
-        },
-        "backend": "onnxruntime",
-        "precision": "fp32",
-        "target": None,
-        "files": file_table(root),
-        "quality": {},
-    }
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest))
-    return root
+from tests.conftest import make_synthetic_bundle
 
 
 def refusal(bundle: Path) -> BundleError:
@@ -43,9 +15,9 @@ def refusal(bundle: Path) -> BundleError:
 
 
 def test_intact_bundle_opens(tmp_path: Path) -> None:
-    bundle = open_bundle(make_bundle(tmp_path / "b"))
+    bundle = open_bundle(make_synthetic_bundle(tmp_path / "b"))
     assert bundle.manifest.name == "tiny"
-    assert set(bundle.manifest.files) == {"model.onnx", "tokenizer.json"}
+    assert set(bundle.manifest.files) == {"model.onnx", "tokenizer.json", "golden.json"}
     assert bundle.manifest.engine_info() == {
         "name": "tiny",
         "version": "1",
@@ -55,7 +27,7 @@ def test_intact_bundle_opens(tmp_path: Path) -> None:
 
 
 def test_changed_byte_is_refused(tmp_path: Path) -> None:
-    root = make_bundle(tmp_path / "b")
+    root = make_synthetic_bundle(tmp_path / "b")
     data = bytearray((root / "model.onnx").read_bytes())
     data[10] ^= 1
     (root / "model.onnx").write_bytes(bytes(data))
@@ -64,7 +36,7 @@ def test_changed_byte_is_refused(tmp_path: Path) -> None:
 
 
 def test_missing_truncated_and_extra_files_are_each_named(tmp_path: Path) -> None:
-    root = make_bundle(tmp_path / "b")
+    root = make_synthetic_bundle(tmp_path / "b")
     (root / "tokenizer.json").unlink()
     (root / "model.onnx").write_bytes(b"short")
     (root / "evil.py").write_text("print('hi')")
@@ -85,7 +57,7 @@ def test_missing_truncated_and_extra_files_are_each_named(tmp_path: Path) -> Non
     ],
 )
 def test_malformed_manifest_is_refused(tmp_path: Path, edit: object, fragment: str) -> None:
-    root = make_bundle(tmp_path / "b")
+    root = make_synthetic_bundle(tmp_path / "b")
     manifest = json.loads((root / MANIFEST_NAME).read_text())
     edit(manifest)  # type: ignore[operator]
     (root / MANIFEST_NAME).write_text(json.dumps(manifest))

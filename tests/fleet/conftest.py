@@ -19,52 +19,16 @@ from typing import Any
 
 import pytest
 
-from agent.bundle import MANIFEST_NAME, file_table
 from agent.config import MqttConfig
 from agent.mqtt_link import Incoming, MqttLink, Subscription
 from agent.topics import Topics
 from fleet.signing import generate_keypair
-from tests.conftest import Broker
-
-
-def make_bundle(root: Path, *, version: str = "1", files: dict[str, bytes] | None = None) -> Path:
-    """A small, structurally valid bundle (the model bytes are not a real graph)."""
-    root.mkdir(parents=True)
-    contents = files or {
-        "model.onnx": b"graph" * 1000,
-        "tokenizer.json": b"{}",
-        "golden.json": b'{"canaries": []}',
-    }
-    for name, data in contents.items():
-        (root / name).write_bytes(data)
-    manifest = {
-        "format": 1,
-        "name": "tiny",
-        "version": version,
-        "created": "2026-01-02T03:04:05Z",
-        "source": {"model": "x"},
-        "arch": {
-            "model_type": "llama",
-            "layers": 2,
-            "kv_heads": 2,
-            "head_dim": 8,
-            "hidden": 16,
-            "vocab": 10,
-            "max_seq_len": 64,
-        },
-        "backend": "onnxruntime",
-        "precision": "fp32",
-        "target": None,
-        "files": file_table(root),
-        "quality": {},
-    }
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-    return root
+from tests.conftest import Broker, make_synthetic_bundle
 
 
 @pytest.fixture
 def bundle(tmp_path: Path) -> Path:
-    return make_bundle(tmp_path / "bundle")
+    return make_synthetic_bundle(tmp_path / "bundle")
 
 
 @pytest.fixture
