@@ -194,6 +194,20 @@ def test_happy_path_with_jobs_throughout(fleet: Fleet, broker: Broker, probe: Mq
         agent.stop()
 
 
+def engine_bundle_for_another_device(fleet: Fleet) -> Path:
+    """A signed TensorRT engine bundle built for a Jetson AGX Orin: genuine, but not for this
+    machine, which has no NVIDIA GPU."""
+    bundle = fleet.bundle("orin-engine", sign=False)
+    (bundle / "model.onnx").unlink()
+    (bundle / "model.onnx.data").unlink()
+    (bundle / "engine.plan").write_bytes(os.urandom(4096))
+    target = {"device": "Jetson AGX Orin", "compute_capability": "8.7", "sm_count": 16,
+              "tensorrt": "10.3.0", "cuda": "12.6", "jetpack": "6.2"}  # fmt: skip
+    rewrite_manifest(bundle, backend="tensorrt", target=target)
+    sign_bundle(bundle, fleet.key)
+    return bundle
+
+
 def traversal_tar(fleet: Fleet) -> bytes:
     path = fleet.root / "evil.tar"
     with tarfile.open(path, "w") as tar:
@@ -219,6 +233,9 @@ def test_refusals_leave_the_running_model_untouched(
         ("traversal", fleet.publish_raw("evil.tar", traversal_tar(fleet)), "bad_archive"),
         ("space", {**good, "size": 1 << 40}, "no_space"),
     ]
+    cases.append(
+        ("target", fleet.publish(engine_bundle_for_another_device(fleet)), "target_mismatch")
+    )
     changed_tar = fleet.root / "www" / "tampered.tar"
     with tarfile.open(changed_tar, "w") as tar:  # packed by hand: pack_bundle refuses it
         for item in sorted(changed.iterdir()):
