@@ -61,7 +61,7 @@ def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--model", "/nonexistent/model"], "neither an existing path nor a known alias"),
-        (["--model", "smollm2-135m", "--precision", "int4"], "only fp32"),
+        (["--from-bundle", "/nonexistent/bundle"], "does not exist"),
     ],
 )
 def test_clear_errors_without_a_traceback(tmp_path: Path, args: list[str], message: str) -> None:
