@@ -109,6 +109,16 @@ def decode_json_object(payload: bytes) -> dict[str, Any]:
         raise InvalidPayload("invalid_json", f"payload is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidPayload("invalid_request", "payload must be a JSON object")
+    try:  # JSON escapes can smuggle lone UTF-16 surrogates ("\ud800") that no tokenizer takes
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        job_id = data.get("id")
+        usable = isinstance(job_id, str) and JOB_ID_RE.match(job_id) and job_id.isascii()
+        raise InvalidPayload(
+            "invalid_request",
+            "text holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): send valid Unicode",
+            job_id if usable else None,
+        ) from None
     return data
 
 
@@ -127,9 +137,15 @@ def _int_field(data: dict[str, Any], key: str, lo: int, hi: int, default: int | 
 
 def _float_field(data: dict[str, Any], key: str, default: float) -> float:
     value = data.get(key, default)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+    if not isinstance(value, int | float) or isinstance(value, bool):
         raise _bad(f"`{key}` must be a number")
-    return float(value)
+    try:
+        number = float(value)  # an integer beyond float's range raises OverflowError
+    except OverflowError:
+        raise _bad(f"`{key}` is out of range") from None
+    if not math.isfinite(number):
+        raise _bad(f"`{key}` must be a finite number")
+    return number
 
 
 def _parse_fields(data: dict[str, Any], job_id: str, limits: RequestLimits) -> JobRequest:
@@ -184,7 +200,7 @@ def _parse_input(data: dict[str, Any]) -> tuple[str | None, tuple[tuple[str, str
         if not isinstance(message, dict) or set(message) != {"role", "content"}:
             raise _bad(f"messages[{index}] must be an object with exactly `role` and `content`")
         role, content = message["role"], message["content"]
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise _bad(f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}")
         if not isinstance(content, str):
             raise _bad(f"messages[{index}].content must be a string")

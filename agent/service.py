@@ -224,6 +224,14 @@ class AgentService:
         self.ota.submit(command)
 
     def _handle_job(self, message: Incoming) -> None:
+        try:
+            self._handle_job_checked(message)
+        except Exception as exc:  # a bug must still answer the job, never drop it silently
+            log.exception("unexpected failure handling a job")
+            target = self._reply_for(message) or Reply(self.topics.results(INVALID_JOB_ID))
+            self._send_error(target, None, "engine_error", f"{type(exc).__name__}: {exc}")
+
+    def _handle_job_checked(self, message: Incoming) -> None:
         reply = self._reply_for(message)
         try:
             request = parse_job(message.payload, self.limits)
@@ -282,6 +290,7 @@ class AgentService:
                 self._journal_failed(exc)
                 self._send_error(reply, request.id, "engine_error", exc.message)
                 return
+            self._journal_recovered()
         try:
             self.queue.put(job, lambda pos: self._publish(reply, events.accepted(request.id, pos)))
         except QueueFull:
@@ -508,6 +517,16 @@ class AgentService:
             write()
         except JournalError as exc:
             self._journal_failed(exc)
+        else:
+            self._journal_recovered()
+
+    def _journal_recovered(self) -> None:
+        """A write succeeded again (space was freed): clear a write error from the status."""
+        problem = self._journal_problem
+        if problem is not None and self.journal is not None and self.journal.recovered is None:
+            self._journal_problem = None
+            log.info("job journal writes again")
+            self._publish_online()
 
     def _journal_failed(self, exc: JournalError) -> None:
         if self._journal_problem is None or self._journal_problem.message != exc.message:

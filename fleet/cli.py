@@ -13,6 +13,8 @@ from typing import Any
 from agent.config import MqttConfig
 from agent.errors import AgentError
 from fleet import __version__
+from fleet.certs import IssuedFiles, make_ca, make_client
+from fleet.certs import make_server as make_server_cert
 from fleet.pack import pack_bundle
 from fleet.prompt import NoAnswer, PromptJob, print_event, send_prompt
 from fleet.rollout import DeviceResult, format_summary, parse_max_failures, rollout
@@ -38,6 +40,12 @@ Over-the-air bundle updates, end to end:
       --version V
   edge-fleet rollout --devices-file fleet.txt --url ... --sha256 H --size N --version V \\
       --max-failures 10%
+
+Broker TLS with one certificate per identity (see `edge-fleet certs --help`):
+
+  edge-fleet certs ca --out ca
+  edge-fleet certs server --ca ca --host mqtt.site --out broker
+  edge-fleet certs device --ca ca --id orin-01 --out certs/orin-01
 """
 
 
@@ -241,6 +249,125 @@ def _rollout(args: argparse.Namespace) -> int:
         print()
         print(format_summary(summary))
     return 0 if summary.ok else 1
+
+
+# --- certificates -------------------------------------------------------------------------------
+
+
+def _certs(args: argparse.Namespace) -> int:
+    if args.certs_verb == "ca":
+        issued = make_ca(args.out, name=args.name, days=args.days)
+        _print_issued(issued)
+        print(
+            f"\nkeep {issued.key} offline (it signs every identity); give {issued.cert} to the "
+            "broker (cafile) and to every device and operator (mqtt.ca_file)."
+            f"\nnext: edge-fleet certs server --ca {args.out} --host BROKER-NAME --out broker"
+        )
+    elif args.certs_verb == "server":
+        issued = make_server_cert(args.ca, args.out, hosts=args.host, ips=args.ip, days=args.days)
+        _print_issued(issued)
+        print(
+            f"\nin mosquitto.conf: certfile {issued.cert}, keyfile {issued.key} (readable by the "
+            "mosquitto user only), cafile the CA's ca.pem; see deploy/mosquitto/."
+        )
+    else:
+        device = args.certs_verb == "device"
+        issued = make_client(
+            args.ca, args.out, args.id, kind="device" if device else "operator", days=args.days
+        )
+        _print_issued(issued)
+        if device:
+            print(
+                f"\nMQTT username (the CN): {args.id}; in the device's agent.toml [mqtt]: "
+                f'ca_file = ".../ca.pem", cert_file = "{issued.cert.name}", '
+                f'key_file = "{issued.key.name}", port = 8883'
+                f"\nor provision it: jetson/provision.sh ROOTFS --device-id {args.id} "
+                f"--ca {args.ca / 'ca.pem'} --cert {issued.cert} --key {issued.key} ..."
+            )
+        else:
+            print(
+                f"\nMQTT username (the CN): {args.id}; the broker's ACL gives this name the "
+                "operator's rights (publish jobs and updates, read results and status)."
+            )
+    return 0
+
+
+def _print_issued(issued: IssuedFiles) -> None:
+    print(
+        f"certificate  {issued.cert}  ({issued.subject}, valid until {issued.not_after:%Y-%m-%d})"
+    )
+    print(f"private key  {issued.key}  (mode 0600)")
+
+
+CERTS_DESCRIPTION = """\
+Make the certificates for mutual TLS between the broker and every device and operator.
+
+Each client certificate's Common Name IS the identity: Mosquitto, with `use_identity_as_username
+true`, takes it as the MQTT username, and the ACL (deploy/mosquitto/acl) lets a device read only
+edgellm/<its id>/jobs, .../jobs/cancel, .../ota and the fleet's shared jobs, and write only its
+own results, status, telemetry and ota/status. Whoever holds the CA key decides every identity:
+keep ca.key offline.
+
+  edge-fleet certs ca --out ca                               # ca/ca.pem + ca/ca.key (0600)
+  edge-fleet certs server --ca ca --host mqtt.site --ip 10.0.0.5 --out broker
+  edge-fleet certs device --ca ca --id orin-01 --out certs/orin-01   # orin-01.pem + .key
+  edge-fleet certs client --ca ca --id operator --out certs/operator
+
+Keys are ECDSA P-256, written 0600; existing files are never overwritten. Exit status: 0 written,
+1 refused (the message says why), 2 bad arguments.
+"""
+
+
+def _add_certs_verb(verbs: Any) -> None:
+    certs = verbs.add_parser(
+        "certs",
+        help="make a CA, the broker's certificate, and device/operator client certificates",
+        description=CERTS_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    kinds = certs.add_subparsers(dest="certs_verb", required=True, metavar="KIND")
+    ca = kinds.add_parser(
+        "ca",
+        help="a new certificate authority (ca.pem, ca.key)",
+        description="Write a self-signed CA (ca.pem) and its private key (ca.key, 0600) into "
+        "--out. It can sign leaf certificates only. Keep ca.key on the operator's machine; "
+        "ca.pem goes to the broker and to every client.",
+    )
+    ca.add_argument("--out", type=Path, required=True, help="directory for ca.pem and ca.key")
+    ca.add_argument("--name", default="edge-llm fleet CA", help="the CA's Common Name")
+    ca.add_argument("--days", type=int, default=3650, help="validity in days (3650)")
+    server = kinds.add_parser(
+        "server",
+        help="the broker's TLS certificate (server.pem, server.key)",
+        description="Write the broker's certificate, signed by the CA in --ca. Clients check the "
+        "host name or address they dial against the certificate's names: give every --host and "
+        "--ip they use (repeatable).",
+    )
+    server.add_argument("--ca", type=Path, required=True, help="the directory `certs ca` wrote")
+    server.add_argument(
+        "--host", action="append", default=[], metavar="NAME", help="DNS name (repeatable)"
+    )
+    server.add_argument(
+        "--ip", action="append", default=[], metavar="ADDRESS", help="IP address (repeatable)"
+    )
+    server.add_argument("--out", type=Path, required=True, help="directory for server.pem/.key")
+    server.add_argument("--days", type=int, default=825, help="validity in days (825)")
+    for verb, who, example in (
+        ("device", "a device", "orin-01"),
+        ("client", "an operator (or another client)", "operator"),
+    ):
+        parser = kinds.add_parser(
+            verb,
+            help=f"a client certificate for {who}; its CN is the --id",
+            description=f"Write ID.pem and ID.key (0600) for {who}, signed by the CA in --ca, "
+            f"with Common Name = --id (e.g. {example}). The broker takes the CN as the MQTT "
+            "username, so the id must be a plain topic level: 1-64 characters of A-Za-z0-9._:-.",
+        )
+        parser.add_argument("--ca", type=Path, required=True, help="the directory `certs ca` wrote")
+        parser.add_argument("--id", required=True, help=f"the identity (e.g. {example})")
+        parser.add_argument("--out", type=Path, required=True, help="directory for ID.pem/.key")
+        parser.add_argument("--days", type=int, default=825, help="validity in days (825)")
+    certs.set_defaults(handler=_certs)
 
 
 def _mb(size: int) -> str:
@@ -454,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--json", action="store_true", help="print each event as a JSON line")
     prompt.set_defaults(handler=_prompt)
     _add_ota_verbs(verbs)
+    _add_certs_verb(verbs)
     return parser
 
 
