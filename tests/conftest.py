@@ -57,7 +57,13 @@ def start_mosquitto(directory: Path, port: int | None = None) -> Broker:
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
         "max_queued_messages 10000\nlog_dest stderr\n"
     )
-    log = (directory / "mosquitto.log").open("wb")
+    return launch_mosquitto(config, port, "mosquitto")
+
+
+def launch_mosquitto(config: Path, port: int, what: str) -> Broker:
+    """Run Mosquitto with `config` (logging to mosquitto.log beside it) until it listens."""
+    log_path = config.parent / "mosquitto.log"
+    log = log_path.open("wb")
     process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=log, stderr=log)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -69,7 +75,7 @@ def start_mosquitto(directory: Path, port: int | None = None) -> Broker:
                 break
             time.sleep(0.05)
     process.kill()
-    pytest.fail(f"mosquitto did not start: {(directory / 'mosquitto.log').read_text()}")
+    pytest.fail(f"{what} did not start:\n{log_path.read_text()}")
 
 
 @pytest.fixture(scope="session")

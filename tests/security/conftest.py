@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import queue
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fleet.certs import make_ca, make_client, make_server
-from tests.conftest import MOSQUITTO, REPO, Broker, free_port
+from tests.conftest import REPO, Broker, free_port, launch_mosquitto
 
 DEPLOY = REPO / "deploy" / "mosquitto"
 
@@ -107,20 +105,7 @@ def start_tls_mosquitto(pki: Pki, directory: Path) -> Broker:
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = render_config(pki, directory, port)
-    log_path = directory / "mosquitto.log"
-    log = log_path.open("wb")
-    process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=log, stderr=log)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return Broker("127.0.0.1", port, process, config)
-        except OSError:
-            if process.poll() is not None:
-                break
-            time.sleep(0.05)
-    process.kill()
-    pytest.fail(f"mosquitto (fleet TLS config) did not start:\n{log_path.read_text()}")
+    return launch_mosquitto(config, port, "mosquitto (fleet TLS config)")
 
 
 @pytest.fixture(scope="module")
