@@ -31,7 +31,8 @@ that fp32 reference (a report is written next to the bundle as OUT.report.md).
 
 Memory: the fp32 export peaks at about 2.3x the fp32 weights (measured: 5.6 GiB for 2.4 GB of
 weights), so a 3B model (12 GB fp32) needs about 30 GB: export it on a 64 GB Jetson AGX Orin or a
-workstation, not on a 16-24 GB machine.
+workstation, not on a 16-24 GB machine. Disk: about the fp32 size (plus the quantized copy) free
+next to --out, where the build stages its files; it checks before it starts ([disk_full]).
 """
 
 

@@ -34,12 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from build_engine.disk import release_range
 from build_engine.errors import BuildError
 from build_engine.model_source import SUPPORTED_MODEL_TYPES
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
+    from onnx.external_data_helper import ExternalDataInfo
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ONNX_NAME = "model.onnx"
@@ -155,12 +157,23 @@ def export_onnx(
     )
 
 
+def export_disk_bytes(model: PreTrainedModel) -> int:
+    """Bytes the export holds on disk at its peak: every weight once in fp32, plus the transposed
+    copy of a tied embedding that torch writes before we drop it."""
+    import torch
+
+    weights = 4 * sum(p.numel() for p in model.parameters())  # a tied table is counted once
+    table = getattr(model.get_input_embeddings(), "weight", None)
+    duplicate = 4 * table.numel() if _tied(model) and isinstance(table, torch.Tensor) else 0
+    return int(weights + duplicate)
+
+
 def _optimum_export(model: PreTrainedModel, raw_dir: Path, opset: int | None) -> None:
     import torch
     from optimum.exporters.onnx import onnx_export_from_model
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _torch_external_data_kept():
             # Tracing an HF model emits dozens of expected TracerWarnings ("converting a tensor
             # to a Python boolean...") that would bury the CLI's progress lines.
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
@@ -181,6 +194,30 @@ def _optimum_export(model: PreTrainedModel, raw_dir: Path, opset: int | None) ->
         raise BuildError("export_failed", f"optimum/torch.onnx export failed: {e}") from e
     if not (raw_dir / ONNX_NAME).is_file():
         raise BuildError("export_failed", f"optimum wrote no {ONNX_NAME} into {raw_dir}")
+
+
+@contextlib.contextmanager
+def _torch_external_data_kept() -> Iterator[None]:
+    """Leave a >2 GB export as torch wrote it (one external file per tensor).
+
+    optimum's `export_pytorch` otherwise merges those files into one: it loads every weight into
+    one in-memory proto (while the caller still holds the torch model) and writes a second full
+    copy before deleting the first. For a 3B model that is 12 GB more RAM and 12 GB more disk at
+    the peak, for a merge `_write_with_external_data` does anyway, streaming and deleting each
+    file as it goes. optimum decides with `check_model_uses_external_data`; answering False keeps
+    torch's files. If a later optimum drops that name, the merge simply happens as before.
+    """
+    from optimum.exporters.onnx import convert
+
+    if not hasattr(convert, "check_model_uses_external_data"):
+        yield
+        return
+    original = convert.check_model_uses_external_data
+    convert.check_model_uses_external_data = lambda _model: False
+    try:
+        yield
+    finally:
+        convert.check_model_uses_external_data = original
 
 
 def _tied(model: PreTrainedModel) -> bool:
@@ -297,35 +334,23 @@ def _write_with_external_data(
     Source tensors may be inline (`raw_data`) or in optimum's external file(s); either way each is
     copied chunk-wise, so peak memory is one chunk, not the model. Tensors in node attributes
     (Constant values) are brought inline: they are small and some tools mishandle external ones.
+
+    Disk: the source is consumed as the output grows, so the copy needs about one model's worth
+    of free disk, not two (for a 3B model, 12 GB less on a device's eMMC). Bytes no tensor refers
+    to any more (the de-duplicated embedding) are released before copying starts, each tensor's
+    bytes right after it is copied, and a source file once nothing in it is needed; see
+    `_SourceFiles`.
     """
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    with contextlib.ExitStack() as stack:
-        sources: dict[str, BinaryIO] = {}
-
-        def source(location: str) -> BinaryIO:
-            if location not in sources:
-                sources[location] = stack.enter_context((src_dir / location).open("rb"))
-            return sources[location]
-
-        def read_external(tensor: onnx.TensorProto) -> Iterator[bytes]:
-            info = ExternalDataInfo(tensor)
-            f = source(info.location)
-            f.seek(info.offset or 0)
-            remaining = info.length if info.length is not None else -1
-            while remaining != 0:
-                chunk = f.read(_COPY_CHUNK if remaining < 0 else min(_COPY_CHUNK, remaining))
-                if not chunk:
-                    if remaining > 0:
-                        raise BuildError(
-                            "export_failed", f"external data of {tensor.name} is truncated"
-                        )
-                    break
-                remaining -= len(chunk) if remaining > 0 else 0
-                yield chunk
-
-        out = stack.enter_context((dst_onnx.parent / data_name).open("wb"))
+    tensors = list(_initializers(graph.graph)) + list(_attribute_tensors(graph.graph))
+    readers = _SourceFiles(
+        src_dir,
+        [ExternalDataInfo(t) for t in tensors if uses_external_data(t)],
+        keep={dst_onnx.name, ONNX_NAME},
+    )
+    with readers, (dst_onnx.parent / data_name).open("wb") as out:
         for tensor in _initializers(graph.graph):
             inline = tensor.HasField("raw_data")
             if not uses_external_data(tensor) and (
@@ -335,7 +360,7 @@ def _write_with_external_data(
             offset = -(-out.tell() // _ALIGN) * _ALIGN
             out.write(b"\0" * (offset - out.tell()))
             if uses_external_data(tensor):
-                for chunk in read_external(tensor):
+                for chunk in readers.read(tensor):
                     out.write(chunk)
             else:
                 out.write(tensor.raw_data)
@@ -344,11 +369,89 @@ def _write_with_external_data(
 
         for tensor in _attribute_tensors(graph.graph):
             if uses_external_data(tensor):
-                tensor.raw_data = b"".join(read_external(tensor))
+                tensor.raw_data = b"".join(readers.read(tensor))
                 del tensor.external_data[:]
                 tensor.data_location = onnx.TensorProto.DEFAULT
 
     onnx.save(graph, str(dst_onnx))
+
+
+class _SourceFiles:
+    """optimum's external-data files, read chunk-wise and released as soon as nothing needs them.
+
+    optimum writes a large model as one `model.onnx_data`; deleting it only at the end would
+    hold two full copies on disk at once. Instead each copied tensor's byte range is released
+    with `release_range` (a hole punched in the file; the filesystem frees those blocks), so the
+    scratch file shrinks while `model.onnx.data` grows. A file is deleted once every tensor in it
+    is copied; files no tensor refers to are deleted at the start. Only a scratch directory may
+    be given: its files are consumed.
+    """
+
+    def __init__(self, src_dir: Path, tensors: list[ExternalDataInfo], keep: set[str]) -> None:
+        self._dir = src_dir
+        self._ranges: dict[str, list[tuple[int, int]]] = {}
+        for info in tensors:
+            self._ranges.setdefault(info.location, []).append(
+                (int(info.offset or 0), int(info.length or 0))
+            )
+        self._pending = {location: len(ranges) for location, ranges in self._ranges.items()}
+        self._open: dict[str, BinaryIO] = {}
+        self._keep = keep
+
+    def __enter__(self) -> _SourceFiles:
+        for path in self._dir.iterdir():
+            if path.is_file() and path.name not in self._ranges and path.name not in self._keep:
+                path.unlink()
+        for location, ranges in self._ranges.items():
+            if any(length == 0 for _, length in ranges):
+                continue  # a tensor reaching to the end of its file: no gap is known for sure
+            f = self._file(location)
+            position = 0
+            for offset, length in sorted(ranges):  # release the gaps: bytes no tensor uses
+                release_range(f.fileno(), position, offset - position)
+                position = max(position, offset + length)
+            release_range(f.fileno(), position, os.fstat(f.fileno()).st_size - position)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+    def read(self, tensor: onnx.TensorProto) -> Iterator[bytes]:
+        from onnx.external_data_helper import ExternalDataInfo
+
+        info = ExternalDataInfo(tensor)
+        f = self._file(info.location)
+        start = int(info.offset or 0)
+        f.seek(start)
+        remaining = info.length if info.length is not None else -1
+        while remaining != 0:
+            chunk = f.read(_COPY_CHUNK if remaining < 0 else min(_COPY_CHUNK, remaining))
+            if not chunk:
+                if remaining > 0:
+                    raise BuildError(
+                        "export_failed", f"external data of {tensor.name} is truncated"
+                    )
+                break
+            remaining -= len(chunk) if remaining > 0 else 0
+            yield chunk
+        self._done_with(info.location, start, f.tell() - start)
+
+    def _file(self, location: str) -> BinaryIO:
+        f = self._open.get(location)
+        if f is None:
+            # r+b: punching a hole needs a file descriptor open for writing
+            f = self._open[location] = (self._dir / location).open("r+b")
+        return f
+
+    def _done_with(self, location: str, offset: int, length: int) -> None:
+        self._pending[location] -= 1
+        if self._pending[location] == 0:
+            self._open.pop(location).close()
+            (self._dir / location).unlink()
+        else:
+            release_range(self._open[location].fileno(), offset, length)
 
 
 def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:

@@ -30,6 +30,7 @@ from build_engine.bundle_writer import (
     write_manifest,
     write_tokenizer,
 )
+from build_engine.disk import MARGIN, SIZE_VS_FP32, disk_full_error, export_need, require_free_space
 from build_engine.errors import BuildError
 from build_engine.progress import Progress, Steps
 
@@ -63,10 +64,32 @@ def export_bundle(options: ExportOptions, progress: Progress) -> dict[str, Any]:
     quantized = options.precision != "fp32"
     steps = Steps(progress, total=(1 if options.from_bundle else 6) + (4 if quantized else 1))
 
+    try:
+        manifest = _build_in_scratch(options, out, steps, progress, started)
+    except OSError as exc:
+        error = disk_full_error(exc, out.parent)
+        if error is None:
+            raise
+        raise error from exc
+    progress(f"bundle written to {out} in {time.monotonic() - started:.0f} s")
+    return manifest
+
+
+def _build_in_scratch(
+    options: ExportOptions, out: Path, steps: Steps, progress: Progress, started: float
+) -> dict[str, Any]:
+    """Every step, in a scratch folder next to `out` that is removed whatever happens."""
+    quantized = options.precision != "fp32"
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         if options.from_bundle is not None:
             steps("verifying the fp32 reference bundle")
             reference = _open_reference(options.from_bundle)
+            reference_bytes = sum(f.stat().st_size for f in reference.iterdir() if f.is_file())
+            require_free_space(
+                Path(tmp),
+                int(reference_bytes * SIZE_VS_FP32.get(options.precision, 1.0)) + MARGIN,
+                f"writing a {options.precision} bundle from {reference}",
+            )
         else:
             assert options.model is not None
             reference_dir = Path(tmp) / "fp32"
@@ -82,7 +105,6 @@ def export_bundle(options: ExportOptions, progress: Progress) -> dict[str, Any]:
             staging = _copy(reference, Path(tmp))
             manifest = _finish_fp32(options, staging, steps, started)
         publish_bundle(staging, out, options.force)
-    progress(f"bundle written to {out} in {time.monotonic() - started:.0f} s")
     return manifest
 
 
@@ -99,7 +121,7 @@ def _build_reference(
 ) -> None:
     # torch/transformers are imported here, not at module level: `edge-build --help` stays fast.
     from build_engine.model_source import load_model, resolve_model
-    from build_engine.onnx_export import export_onnx
+    from build_engine.onnx_export import export_disk_bytes, export_onnx
     from build_engine.parity import check_parity
 
     source = resolve_model(model_spec)
@@ -107,6 +129,13 @@ def _build_reference(
     source_sha = source.source_sha256()
     steps(f"loading {source.display_name} with transformers")
     model, tokenizer = load_model(source)
+    fp32_bytes = export_disk_bytes(model)
+    require_free_space(
+        scratch,
+        export_need(fp32_bytes, options.precision),
+        f"exporting {source.display_name} ({fp32_bytes / 2**30:.1f} GiB in fp32)"
+        + ("" if options.precision == "fp32" else f" and quantizing it to {options.precision}"),
+    )
     staging.mkdir()
     steps("exporting to ONNX with a KV cache (optimum, text-generation-with-past)")
     exported = export_onnx(model, tokenizer, staging, progress=progress)

@@ -3,6 +3,7 @@ test session), and MQTT helpers that collect a job's events."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -13,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,45 @@ def launch_mosquitto(config: Path, port: int, what: str) -> Broker:
             time.sleep(0.05)
     process.kill()
     pytest.fail(f"{what} did not start:\n{log_path.read_text()}")
+
+
+@contextmanager
+def mounted_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` (mount's syntax: "256k", "1m") at `mount_point`, for tests of a
+    disk that fills up; skips with the reason when this machine cannot mount one (needs root and
+    CAP_SYS_ADMIN)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill up needs root")
+    mount_point.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs here ({mounted.stderr.strip()})")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write a filler file until the file system refuses another byte (unbuffered: a buffered
+    file would raise ENOSPC again when closed)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (65536, 4096, 1):
+            try:
+                while os.write(fd, b"\0" * size) == size:
+                    pass
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    return filler
 
 
 @pytest.fixture(scope="session")

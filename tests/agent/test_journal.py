@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from agent.errors import AgentError
 from agent.journal import JOURNAL_FILE, JobJournal, JournalError
+from tests.conftest import mounted_tmpfs
 
 DONE = {
     "id": "j1",
@@ -173,21 +173,8 @@ def test_damage_found_while_running_is_a_journal_error(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(
-            f"cannot mount a 256 KiB tmpfs here: {result.stderr.strip() or result.returncode}"
-        )
-    try:
+    with mounted_tmpfs(tmp_path / "tiny", "256k") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_full_disk_is_a_journal_error_and_earlier_records_survive(tiny_fs: Path) -> None:

@@ -8,9 +8,8 @@ Everything expensive is session-scoped: building the tokenizer from the GGUF tak
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -27,6 +26,12 @@ from build_engine.onnx_export import ExportResult, export_onnx
 
 # The tiny model's shape; tests compare the exported graph against these.
 TINY_DIMS = {"layers": 2, "kv_heads": 2, "head_dim": 16, "hidden": 64, "vocab": 49152}
+
+
+class MakeModelDir(Protocol):
+    def __call__(
+        self, out: Path, overrides: dict[str, Any] | None = None, dtype: str = "float32"
+    ) -> Path: ...
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +53,13 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: A
 
 
 def _make_hf_model_dir(
-    out: Path, tokenizer_dir: Path, config_overrides: dict[str, Any] | None = None
+    out: Path,
+    tokenizer_dir: Path,
+    config_overrides: dict[str, Any] | None = None,
+    dtype: str = "float32",
 ) -> Path:
-    """Save a randomly initialised Llama (tiny unless overridden) plus the tokenizer into `out`."""
+    """Save a randomly initialised Llama (tiny unless overridden) plus the tokenizer into `out`,
+    its weights stored as `dtype` (the export loads them as fp32 whatever they are stored as)."""
     import shutil
 
     import torch
@@ -71,7 +80,7 @@ def _make_hf_model_dir(
     fields.update(config_overrides or {})
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**fields))  # type: ignore[no-untyped-call]
-    model.save_pretrained(out)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
     for item in tokenizer_dir.iterdir():
         shutil.copy(item, out / item.name)
     return out
@@ -83,11 +92,12 @@ def tiny_dims() -> dict[str, int]:
 
 
 @pytest.fixture(scope="session")
-def make_model_dir(tokenizer_dir: Path) -> Callable[[Path, dict[str, Any] | None], Path]:
-    """`make_model_dir(out, config_overrides)`: a random Llama + SmolLM2 tokenizer in `out`."""
+def make_model_dir(tokenizer_dir: Path) -> MakeModelDir:
+    """`make_model_dir(out, config_overrides, dtype)`: a random Llama + SmolLM2 tokenizer in
+    `out`."""
 
-    def make(out: Path, overrides: dict[str, Any] | None = None) -> Path:
-        return _make_hf_model_dir(out, tokenizer_dir, overrides)
+    def make(out: Path, overrides: dict[str, Any] | None = None, dtype: str = "float32") -> Path:
+        return _make_hf_model_dir(out, tokenizer_dir, overrides, dtype)
 
     return make
 

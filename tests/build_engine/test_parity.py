@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from build_engine.errors import BuildError
 from build_engine.model_source import load_model, resolve_model
 from build_engine.onnx_export import DATA_NAME, ONNX_NAME, ExportResult, export_onnx
 from build_engine.parity import ParityReport, PromptParity, StepParity, check_parity
+from tests.build_engine.conftest import MakeModelDir
 
 PROMPTS = ["Hello, my name is", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"]
 
@@ -66,7 +66,7 @@ def test_export_interface(tiny_export: ExportResult, tiny_dims: dict[str, int]) 
 
 def test_untied_model_keeps_both_tables(
     tmp_path: Path,
-    make_model_dir: Callable[[Path, dict[str, Any] | None], Path],
+    make_model_dir: MakeModelDir,
     tiny_dims: dict[str, int],
 ) -> None:
     import onnx

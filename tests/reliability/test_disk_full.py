@@ -4,17 +4,14 @@ jobs are refused with a message that says the disk is full, the retained status 
 
 from __future__ import annotations
 
-import errno
-import os
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.journal import JOURNAL_FILE
-from tests.conftest import Broker, start_agent
+from tests.conftest import Broker, fill, mounted_tmpfs, start_agent
 from tests.reliability.conftest import FAST_RECONNECT, Collector, job, stop_agent
 
 pytestmark = [pytest.mark.slow, pytest.mark.session_bundle]
@@ -22,40 +19,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.session_bundle]
 
 @pytest.fixture
 def tiny_state_dir(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MB tmpfs mounted where the agent keeps its state (needs root and CAP_SYS_ADMIN)."""
-    state = tmp_path / "agent" / "state"
-    state.mkdir(parents=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tiny tmpfs needs root")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(state)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): no way to fill a disk")
-    try:
+    """A 1 MB tmpfs mounted where the agent keeps its state."""
+    with mounted_tmpfs(tmp_path / "agent" / "state", "1m") as state:
         yield state
-    finally:
-        if subprocess.run(["umount", str(state)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(state)], capture_output=True)
-
-
-def fill(directory: Path) -> Path:
-    """Write a filler file until the file system refuses another byte (unbuffered: a buffered
-    file would raise ENOSPC again when closed)."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for size in (65536, 4096, 1):
-            try:
-                while os.write(fd, b"\0" * size) == size:
-                    pass
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_a_full_state_disk_refuses_jobs_clearly_and_recovers(
