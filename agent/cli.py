@@ -80,11 +80,17 @@ def _run(args: argparse.Namespace) -> int:
     broker = f"{config.mqtt.host}:{config.mqtt.port}"
     # READY=1 only once the bundle is loaded and the broker connected; until then systemd keeps
     # the unit "activating" (and we keep extending its start timeout) instead of restarting it.
-    while not service.link.wait_connected(10) and not stop.is_set():
-        log.warning("broker %s not reachable yet; retrying in the background", broker)
-        sdnotify.status(f"waiting for the broker {broker}")
-        sdnotify.extend_timeout(60)
-    if model is not None:
+    waiting_since = time.monotonic()
+    # Short waits: SIGTERM while the broker is unreachable must stop the agent at once.
+    while not stop.is_set() and not service.link.wait_connected(0.25):
+        if time.monotonic() - waiting_since >= 10:
+            waiting_since = time.monotonic()
+            log.warning("broker %s not reachable yet; retrying in the background", broker)
+            sdnotify.status(f"waiting for the broker {broker}")
+            sdnotify.extend_timeout(60)
+    if stop.is_set():
+        pass  # stopped before ever being ready: no READY=1 on the way out
+    elif model is not None:
         manifest = model.bundle.manifest
         sdnotify.ready(f"serving {manifest.name} {manifest.version} ({manifest.precision})")
     else:

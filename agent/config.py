@@ -15,6 +15,7 @@ from typing import Any
 from agent.errors import ConfigError
 from agent.jobs import JOB_ID_RE
 from agent.telemetry.config import TelemetryConfig, validate_telemetry
+from agent.topics import is_valid_topic_filter
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,14 @@ class MqttConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # Topic filters a job's MQTT v5 Response Topic must match ({prefix} and {device} are filled
+    # in); other Response Topics are refused with invalid_request on the job's own results topic.
+    # The default honours any Response Topic (DESIGN.md's contract; clients pick their inbox).
+    # A fleet behind deploy/mosquitto sets ["{prefix}/{device}/results/#"] (provision.sh does),
+    # the only space its ACL lets a device write: a forged Response Topic is then refused by the
+    # agent with a reason, not just dropped by the broker, and a broker with a looser ACL cannot
+    # be used to make a device publish into another device's job queue.
+    reply_topics: tuple[str, ...] = ("#",)
 
 
 @dataclass(frozen=True)
@@ -106,10 +115,11 @@ def _section(cls: type[Any], raw: Any, name: str) -> Any:
             value = Path(value)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if expected is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = tuple(value)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ConfigError(
-                "bad_config", f"[{name}] {key} must be {expected.__name__}, got {value!r}"
-            )
+            kind = "a list of strings" if expected is tuple else expected.__name__
+            raise ConfigError("bad_config", f"[{name}] {key} must be {kind}, got {value!r}")
         values[key] = value
     return cls(**values)
 
@@ -182,8 +192,18 @@ def validate(config: AgentConfig) -> AgentConfig:
             "bad_config", "jobs.queue_size, jobs.max_tokens_limit and jobs.max_batch must be >= 1"
         )
     validate_telemetry(config.telemetry)
-    if config.mqtt.cert_file and not config.mqtt.key_file:
-        raise ConfigError("bad_config", "mqtt.cert_file needs mqtt.key_file")
+    validate_tls(config.mqtt)
+    for pattern in config.mqtt.reply_topics:
+        try:
+            expanded = pattern.format(prefix=config.mqtt.prefix, device=config.device_id)
+        except (KeyError, IndexError, ValueError):
+            expanded = ""  # braces other than {prefix} and {device}
+        if not is_valid_topic_filter(expanded):
+            raise ConfigError(
+                "bad_config",
+                f"mqtt.reply_topics: {pattern!r} is not an MQTT topic filter "
+                "(placeholders: {prefix}, {device})",
+            )
     if config.runtime.backend not in ("auto", "onnxruntime", "tensorrt"):
         raise ConfigError(
             "bad_config",
@@ -191,3 +211,14 @@ def validate(config: AgentConfig) -> AgentConfig:
             "tensorrt",
         )
     return config
+
+
+def validate_tls(mqtt: MqttConfig) -> None:
+    """Checked at start, before the (slow) bundle load: a typo in a path must not surface as a
+    TLS handshake that never completes."""
+    if bool(mqtt.cert_file) != bool(mqtt.key_file):
+        raise ConfigError("bad_config", "mqtt.cert_file and mqtt.key_file go together")
+    for option in ("ca_file", "cert_file", "key_file"):
+        value = getattr(mqtt, option)
+        if value and not Path(value).is_file():
+            raise ConfigError("bad_config", f"mqtt.{option} {value} is not a file")

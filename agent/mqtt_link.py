@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import MqttConfig
+from agent.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ class MqttLink:
         )
         if config.username is not None:
             self._client.username_pw_set(config.username, config.password)
+        if config.ca_file or config.cert_file:
+            _use_tls(self._client, config)
         if will_topic is not None:
             self._client.will_set(will_topic, json.dumps(will_payload), qos=1, retain=True)
         self._client.reconnect_delay_set(
@@ -180,3 +184,25 @@ class MqttLink:
             self._handler(incoming)
         except Exception:  # a bug in handling one message must not kill paho's network thread
             log.exception("failed to handle a message on %s", message.topic)
+
+
+def _use_tls(client: paho.Client, config: MqttConfig) -> None:
+    """TLS to the broker: trust it by `ca_file` (the system's CAs when unset), and present this
+    device's certificate when `cert_file` is set (mutual TLS; with `use_identity_as_username`
+    the certificate's CN is then the device's ACL identity). Files that are not PEM, or a key
+    that does not match its certificate, fail here at start (the paths themselves are checked
+    earlier, by `config.validate_tls`)."""
+    try:
+        client.tls_set(
+            ca_certs=config.ca_file,
+            certfile=config.cert_file,
+            keyfile=config.key_file,
+            cert_reqs=ssl.CERT_REQUIRED,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(
+            "bad_config",
+            f"mqtt TLS settings rejected ({exc}): ca_file must hold PEM CA certificates, "
+            "cert_file/key_file this device's PEM certificate and its private key",
+        ) from exc

@@ -29,7 +29,7 @@ from agent.ota.probation import ProbationGuard
 from agent.runtime import LoadedModel
 from agent.sdnotify import Watchdog
 from agent.telemetry import TelemetryCollector, TelemetryPublisher
-from agent.topics import INVALID_JOB_ID, Topics, is_valid_publish_topic
+from agent.topics import INVALID_JOB_ID, Topics
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class AgentService:
         self.model = model
         self.problem = problem
         self.engine_info = model.engine_info if model is not None else None
-        self.topics = Topics(config.mqtt.prefix, config.device_id)
+        self.topics = Topics(config.mqtt.prefix, config.device_id, config.mqtt.reply_topics)
         self.limits = RequestLimits(
             max_payload_bytes=config.jobs.max_payload_bytes,
             max_tokens_limit=config.jobs.max_tokens_limit,
@@ -245,14 +245,15 @@ class AgentService:
                 Reply(self.topics.results(request.id)),
                 request.id,
                 "invalid_request",
-                "the Response Topic is not a topic that can be published to",
+                f"the Response Topic {message.response_topic[:200]!r} is not allowed: this "
+                f"device answers only on topics matching {', '.join(self.topics.allowed_replies)}",
             )
             return
         self._admit(request, reply or Reply(self.topics.results(request.id)), message.payload)
 
     def _reply_for(self, message: Incoming) -> Reply | None:
         topic = message.response_topic
-        if topic is None or not is_valid_publish_topic(topic):
+        if topic is None or not self.topics.reply_allowed(topic):
             return None
         return Reply(topic, message.correlation_data)
 

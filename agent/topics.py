@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from paho.mqtt.client import topic_matches_sub
+
 INVALID_JOB_ID = "_invalid"  # results topic for requests without a usable id
 
 
@@ -11,6 +13,19 @@ INVALID_JOB_ID = "_invalid"  # results topic for requests without a usable id
 class Topics:
     prefix: str
     device: str
+    # filters a job's Response Topic must match; {prefix} and {device} are placeholders
+    reply_filters: tuple[str, ...] = ("#",)
+
+    @property
+    def allowed_replies(self) -> list[str]:
+        """`reply_filters` with the placeholders filled in."""
+        return [f.format(prefix=self.prefix, device=self.device) for f in self.reply_filters]
+
+    def reply_allowed(self, topic: str) -> bool:
+        """Whether a job may name `topic` as its MQTT v5 Response Topic."""
+        return is_valid_publish_topic(topic) and any(
+            topic_matches_sub(allowed, topic) for allowed in self.allowed_replies
+        )
 
     @property
     def jobs(self) -> str:
@@ -56,4 +71,16 @@ def is_valid_publish_topic(topic: str) -> bool:
         0 < len(topic.encode("utf-8")) <= 65535
         and not any(c in topic for c in "+#\0")
         and not topic.startswith("$")
+    )
+
+
+def is_valid_topic_filter(pattern: str) -> bool:
+    """An MQTT subscription filter: `+` only as a whole level, `#` only as the whole last level;
+    `{prefix}`/`{device}` placeholders allowed."""
+    levels = pattern.split("/")
+    return (
+        bool(pattern)
+        and "\0" not in pattern
+        and all(level in ("+", "#") or not any(c in level for c in "+#") for level in levels)
+        and "#" not in levels[:-1]
     )

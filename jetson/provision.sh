@@ -316,6 +316,8 @@ prefix = "$PREFIX"
 ca_file = "$CONFIG_DIR/tls/ca.pem"
 cert_file = "$CONFIG_DIR/tls/device.pem"
 key_file = "$CONFIG_DIR/tls/device.key"
+# The only space deploy/mosquitto/acl lets a device write: other Response Topics are refused.
+reply_topics = ["{prefix}/{device}/results/#"]
 
 [ota]
 trusted_keys_dir = "$CONFIG_DIR/trusted_keys"

@@ -31,11 +31,15 @@ def agent_service(
     """Start an AgentService on the real model and broker; stopped at the end of the test."""
     started: list[AgentService] = []
 
-    def start(backend: Backend[Any] | None = None, **jobs: Any) -> AgentService:
+    def start(
+        backend: Backend[Any] | None = None,
+        reply_topics: tuple[str, ...] = ("#",),
+        **jobs: Any,
+    ) -> AgentService:
         config = AgentConfig(
             device_id=unique_device(),
             state_dir=tmp_path / "state",
-            mqtt=MqttConfig(host=broker.host, port=broker.port),
+            mqtt=MqttConfig(host=broker.host, port=broker.port, reply_topics=reply_topics),
             jobs=JobsConfig(**jobs),
         )
         model = replace(loaded_model, backend=backend) if backend else loaded_model

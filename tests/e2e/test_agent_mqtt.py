@@ -101,6 +101,45 @@ def test_response_topic_and_correlation_data_are_honoured(
     assert probe.inbox.empty() and not probe.pending
 
 
+def test_a_response_topic_outside_the_allowed_space_is_refused_with_the_reason(
+    agent_service: ServiceFactory, probe: MqttProbe
+) -> None:
+    """With the fleet setting (provision.sh writes it) a forged Response Topic gets a coded error
+    on the job's own results topic; one inside the device's results space is honoured."""
+    service = agent_service(reply_topics=("{prefix}/{device}/results/#",))
+    device = service.config.device_id
+    forged = "edgellm/other-device/jobs"
+    probe.subscribe(forged)
+    probe.subscribe(results_topic(service, "forged-1"))
+    probe.publish(
+        service.topics.jobs,
+        {"id": "forged-1", "prompt": "Hi", "max_tokens": 2},
+        response_topic=forged,
+        correlation_data=b"c",
+    )
+    message = probe.next(30)
+    assert message.topic == results_topic(service, "forged-1")
+    error = message.json()
+    assert error["event"] == "error" and error["error"]["code"] == "invalid_request"
+    assert forged in error["error"]["message"]
+    assert f"edgellm/{device}/results/#" in error["error"]["message"]
+
+    mine = f"edgellm/{device}/results/inbox/7"
+    probe.subscribe(mine)
+    probe.publish(
+        service.topics.jobs,
+        {"id": "mine-1", "prompt": "Hi", "max_tokens": 2},
+        response_topic=mine,
+        correlation_data=b"m",
+    )
+    events = [probe.next(60)]
+    while events[-1].json()["event"] not in ("done", "error"):
+        events.append(probe.next(60))
+    assert {m.topic for m in events} == {mine} and events[-1].json()["event"] == "done"
+    time.sleep(0.3)
+    assert probe.inbox.empty()  # nothing ever reached the forged topic
+
+
 def test_stop_string_and_raw_prompt(agent_service: ServiceFactory, probe: MqttProbe) -> None:
     service = agent_service()
     events = ask(

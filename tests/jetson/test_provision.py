@@ -202,6 +202,7 @@ def test_provision_writes_identity_config_keys_and_enables_the_unit(rootfs: Path
         "ca_file": "/etc/edge-agent/tls/ca.pem",
         "cert_file": "/etc/edge-agent/tls/device.pem",
         "key_file": "/etc/edge-agent/tls/device.key",
+        "reply_topics": ["{prefix}/{device}/results/#"],
     }
     assert config["ota"] == {"trusted_keys_dir": "/etc/edge-agent/trusted_keys"}
     assert config["bundle"] == {"path": "/var/lib/edge-agent/bundles/current"}
