@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.config import MqttConfig
-from agent.errors import AgentError
+from agent.config import MqttConfig, validate_tls
+from agent.errors import AgentError, ConfigError
 from fleet import __version__
 from fleet.certs import IssuedFiles, make_ca, make_client
 from fleet.certs import make_server as make_server_cert
@@ -57,8 +57,7 @@ def _parse_broker(value: str) -> tuple[str, int]:
 
 
 def _prompt(args: argparse.Namespace) -> int:
-    host, port = args.broker
-    broker = MqttConfig(host=host, port=port, prefix=args.prefix, session_expiry_s=0)
+    broker = _broker(args)
     job = PromptJob(
         text=args.text,
         device=None if args.fleet else args.device,
@@ -176,8 +175,28 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _broker(args: argparse.Namespace) -> MqttConfig:
+    """The operator's MQTT settings from the shared flags (`_add_broker_args`)."""
     host, port = args.broker
-    return MqttConfig(host=host, port=port, prefix=args.prefix, session_expiry_s=0)
+    config = MqttConfig(
+        host=host,
+        port=port,
+        prefix=args.prefix,
+        session_expiry_s=0,
+        ca_file=args.ca,
+        cert_file=args.cert,
+        key_file=args.key,
+    )
+    try:
+        validate_tls(config)
+    except ConfigError as exc:  # worded with the agent's setting names: say the flags instead
+        message = exc.message
+        for setting, flag in _TLS_FLAGS.items():
+            message = message.replace(setting, flag)
+        raise ConfigError("bad_command", message) from None
+    return config
+
+
+_TLS_FLAGS = {"mqtt.ca_file": "--ca", "mqtt.cert_file": "--cert", "mqtt.key_file": "--key"}
 
 
 def _update(args: argparse.Namespace) -> int:
@@ -393,6 +412,12 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
         help="the MQTT broker the devices use (default localhost:1883)",
     )  # fmt: skip
     parser.add_argument("--prefix", default="edgellm", help="topic prefix (default edgellm)")
+    tls = parser.add_argument_group(
+        "TLS", "for a broker set up from deploy/mosquitto (port 8883, client certificates)"
+    )
+    tls.add_argument("--ca", metavar="PEM", help="trust the broker by this CA (turns TLS on)")
+    tls.add_argument("--cert", metavar="PEM", help="the operator's certificate (`certs client`)")
+    tls.add_argument("--key", metavar="PEM", help="the operator's private key")
 
 
 def _add_update_args(parser: argparse.ArgumentParser) -> None:
@@ -568,10 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     target = prompt.add_mutually_exclusive_group(required=True)
     target.add_argument("--device", help="device id")
     target.add_argument("--fleet", action="store_true", help="any one device of the fleet")
-    prompt.add_argument(
-        "--broker", type=_parse_broker, default=("localhost", 1883), metavar="HOST:PORT"
-    )
-    prompt.add_argument("--prefix", default="edgellm", help="topic prefix (default edgellm)")
+    _add_broker_args(prompt)
     prompt.add_argument("--max-tokens", type=int, default=256)
     prompt.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     prompt.add_argument("--system", help="a system message to send first")

@@ -1,4 +1,8 @@
-"""`edge-fleet prompt`: send one job to a device (or the fleet) and follow its events."""
+"""`edge-fleet prompt`: send one job to a device (or the fleet) and follow its events.
+
+A fleet job goes through `FleetSubmitter`: if the device that took it dies (its Last Will) or
+never accepts it, the job is sent again to another online device, and the answer starts over.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Any, TextIO
 from agent.config import MqttConfig
 from agent.mqtt_link import Incoming, MqttLink, Subscription
 from agent.topics import Topics
+from fleet.resubmit import RETRY_CODES, FleetSubmitter
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ def send_prompt(
 ) -> dict[str, Any]:
     """Publish the job, pass every event to `on_event`, return the final `done` or `error`."""
     job_id = job.job_id or f"prompt-{uuid.uuid4().hex[:12]}"
+    if job.device is None:
+        return _send_to_fleet(broker, job, job_id, timeout_s=timeout_s, on_event=on_event)
     device_topics = Topics(broker.prefix, job.device or "+")
     results = device_topics.results(job_id)
     events: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -93,6 +100,39 @@ def send_prompt(
         link.stop()
 
 
+def _send_to_fleet(
+    broker: MqttConfig, job: PromptJob, job_id: str, *, timeout_s: float, on_event: Any
+) -> dict[str, Any]:
+    """The fleet path: any one device answers, another one if it dies. When the answer has to
+    start over on another device, `on_event` gets a `resent` event (this tool's own, not the
+    agent's) before the new device's events, so a reader knows earlier deltas are void."""
+    streaming_from: list[str] = []  # the device whose deltas were passed on
+
+    def relay(device: str, event: dict[str, Any]) -> None:
+        if event.get("id") != job_id:
+            return
+        if (event.get("error") or {}).get("code") in RETRY_CODES:
+            return  # not an answer: the submitter sends the job elsewhere
+        if event.get("event") == "delta" or event.get("event") == "done":
+            if streaming_from and streaming_from[-1] != device:
+                on_event({"id": job_id, "event": "resent", "device": device})
+            if not streaming_from or streaming_from[-1] != device:
+                streaming_from.append(device)
+        on_event(event)
+
+    try:
+        with FleetSubmitter(broker, on_event=relay) as submitter:
+            submitter.submit(job.payload(job_id))
+            final = submitter.wait([job_id], timeout_s)[job_id]
+    except ConnectionError:
+        raise NoAnswer(f"cannot reach the broker at {broker.host}:{broker.port}") from None
+    except TimeoutError:
+        raise NoAnswer(f"no answer to job {job_id} within {timeout_s:.0f} s") from None
+    if (final.get("error") or {}).get("code") == "no_device":
+        on_event(final)  # the submitter's own verdict never came over MQTT
+    return final
+
+
 def print_event(event: dict[str, Any], out: TextIO = sys.stdout) -> None:
     """Human output: the streamed text, then one line of figures."""
     kind = event.get("event")
@@ -109,6 +149,8 @@ def print_event(event: dict[str, Any], out: TextIO = sys.stdout) -> None:
             f" | total {timing.get('total_ms')} ms | {engine.get('name')} {engine.get('version')}"
             f" ({engine.get('precision')}, {engine.get('backend')}) on {event.get('device')}\n"
         )
+    elif kind == "resent":
+        out.write(f"\n[its device went away; answered again by {event.get('device')}]\n")
     elif kind == "error":
         err = event.get("error", {})
         out.write(f"\nerror [{err.get('code')}]: {err.get('message')}\n")

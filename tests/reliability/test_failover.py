@@ -8,8 +8,11 @@ persistent session keeps receiving a share of new fleet jobs (asserted below).""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from fleet.resubmit import FleetSubmitter, ResubmitPolicy
 from tests.conftest import AgentProcess, start_agent
 from tests.reliability.conftest import (
     FAST_RECONNECT,
+    STORY,
     Collector,
     OwnBroker,
     job,
@@ -143,3 +147,46 @@ def test_a_frozen_agents_fleet_jobs_are_answered_by_the_other(
             victim.process.kill()  # a stopped process still dies of SIGKILL
             victim.process.wait(10)
         stop_agent(survivor)
+
+
+def test_edge_fleet_prompt_is_answered_by_the_other_device_when_its_device_dies(
+    default_bundle: Path, own_broker: OwnBroker, collector_for: object, tmp_path: Path
+) -> None:
+    """`edge-fleet prompt --fleet`, as an operator runs it: the device streaming the answer is
+    killed after its first delta; the tool says the answer starts over and prints the other
+    device's complete answer."""
+    collector: Collector = collector_for(own_broker.broker)  # type: ignore[operator]
+    agents = two_agents(default_bundle, own_broker, tmp_path)
+    cli: subprocess.Popen[str] | None = None
+    try:
+        for agent in agents:
+            collector.wait_status(agent.device, "online", 60)
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "fleet", "prompt", STORY[0]["content"], "--fleet",
+             "--broker", f"127.0.0.1:{own_broker.port}", "--max-tokens", "200",
+             "--id", "cli-failover", "--json", "--timeout", "120"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        collector.wait(lambda: collector.count("cli-failover", "delta") > 0, 60, "a first delta")
+        first = next(
+            topic for _, topic, e in collector.arrivals["cli-failover"] if e["event"] == "delta"
+        )
+        victim = next(a for a in agents if f"/{a.device}/" in first)
+        survivor = next(a for a in agents if a is not victim)
+        victim.process.send_signal(signal.SIGKILL)
+        out, err = cli.communicate(timeout=180)
+    finally:
+        if cli is not None and cli.poll() is None:
+            cli.kill()
+        for agent in agents:
+            if agent.process.poll() is None:
+                stop_agent(agent)
+    assert cli.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert "resent" in kinds, kinds
+    resent = kinds.index("resent")
+    assert events[resent]["device"] == survivor.device
+    assert events[-1]["event"] == "done" and events[-1]["device"] == survivor.device
+    after = [e["text"] for e in events[resent:] if e["event"] == "delta"]
+    assert "".join(after) == events[-1]["text"]  # the survivor's answer, streamed whole

@@ -183,3 +183,20 @@ def test_sigterm_while_the_broker_is_unreachable_stops_at_once(
     assert process.returncode == 0, log_path.read_text()[-3000:]
     # A bound on behaviour, not a speed figure: the old loop only looked at SIGTERM every 10 s.
     assert stopped_in < 8.0, f"SIGTERM took {stopped_in:.1f} s"
+
+
+def test_edge_fleet_prompt_reaches_the_agent_over_mutual_tls(
+    tls_agent: Path, pki: Pki, tls_broker: Broker
+) -> None:
+    """The operator's tool with its certificate (`--ca/--cert/--key`), to a device and to the
+    fleet."""
+    for target in (["--device", pki.device_a.name], ["--fleet"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "fleet", "prompt", "Hi", *target, "--max-tokens", "4",
+             "--broker", f"localhost:{tls_broker.port}", "--ca", str(pki.ca),
+             "--cert", str(pki.operator.cert), "--key", str(pki.operator.key), "--json",
+             "--timeout", "60"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert f'"device": "{pki.device_a.name}"' in result.stdout.splitlines()[-1]
