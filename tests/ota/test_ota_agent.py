@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 
 from agent.bundle import MANIFEST_NAME, file_table
+from agent.config import MqttConfig
 from fleet.pack import pack_bundle
+from fleet.rollout import rollout
 from fleet.serve import FileServer
 from fleet.signing import generate_keypair, sign_bundle
 from tests.conftest import AgentProcess, Broker, MqttProbe, start_agent, wait_status
@@ -324,3 +326,61 @@ def test_probation_rolls_back_after_repeated_crashes(
         assert answer(probe, agent.device, "after-rollback")["engine"]["version"] == "1"
     finally:
         agent.stop()
+
+
+@pytest.mark.slow
+def test_a_rollout_over_real_agents_halts_on_a_failure_and_spares_the_later_waves(
+    fleet: Fleet, broker: Broker, probe: MqttProbe
+) -> None:
+    """`fleet.rollout` against three real agents. The canary device trusts another signing key,
+    so it refuses the update for real (bad signature); with no failure allowed the rollout halts
+    and the other two never receive the command. A second rollout without it updates both."""
+    other_keys = fleet.root / "other-keys"
+    _, other_pub = generate_keypair(other_keys, "other")
+    other_trusted = fleet.root / "other-trusted"
+    other_trusted.mkdir()
+    shutil.copy(other_pub, other_trusted / "other.pub")
+    config = f'[ota]\ntrusted_keys_dir = "{other_trusted}"\n'
+    agents = [start_agent(fleet.base, broker, fleet.root / "untrusting", config=config)]
+    agents += [
+        start_agent(fleet.base, broker, fleet.root / name, config=agent_config(fleet))
+        for name in ("good-1", "good-2")
+    ]
+    mqtt = MqttConfig(host=broker.host, port=broker.port, session_expiry_s=0)
+    command = fleet.publish(fleet.bundle("2"))
+    try:
+        for agent in agents:
+            wait_status(probe, agent.device, "online")
+            probe.subscribe(f"edgellm/{agent.device}/ota/status")
+        devices = [a.device for a in agents]
+        halted = rollout(
+            mqtt, devices, command["url"], command["sha256"], command["size"], "2",
+            canary=1, max_failures=0, per_device_timeout_s=120, update_id="wave-test-1",
+        )  # fmt: skip
+        assert halted.halted and halted.waves_run == 1
+        untrusting, *good = halted.results
+        assert untrusting.state == "failed" and "[untrusted]" in (untrusting.error or ""), untrusting
+        assert [r.state for r in good] == ["skipped", "skipped"]
+        time.sleep(1.0)
+        probe.drain()
+        spared = [
+            m.topic
+            for m in probe.pending
+            if m.topic.endswith("/ota/status") and m.json().get("id") == "wave-test-1"
+            and devices[0] not in m.topic
+        ]  # fmt: skip
+        assert spared == [], "a device of a later wave received the halted update"
+        assert all(answer(probe, d, f"v1-{n}")["engine"]["version"] == "1"
+                   for n, d in enumerate(devices))  # fmt: skip
+
+        completed = rollout(
+            mqtt, devices[1:], command["url"], command["sha256"], command["size"], "2",
+            canary=1, max_failures=0, per_device_timeout_s=120, update_id="wave-test-2",
+        )  # fmt: skip
+        assert not completed.halted and completed.waves_run == 2, completed.to_json()
+        assert [r.state for r in completed.results] == ["active", "active"]
+        for n, device in enumerate(devices[1:]):
+            assert answer(probe, device, f"v2-{n}")["engine"]["version"] == "2"
+    finally:
+        for agent in agents:
+            agent.stop()
