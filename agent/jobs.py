@@ -153,6 +153,9 @@ def _parse_fields(data: dict[str, Any], job_id: str, limits: RequestLimits) -> J
     if unknown:
         raise _bad(f"unknown field(s): {', '.join(map(repr, unknown[:8]))}")
     prompt, messages = _parse_input(data)
+    # An optional field sent as JSON null means "not given" (what many JSON clients send for an
+    # unset value), the same for every field, rather than an error for some and a crash for none.
+    data = {key: value for key, value in data.items() if value is not None}
     max_tokens = _int_field(
         data, "max_tokens", 1, limits.max_tokens_limit, limits.default_max_tokens
     )

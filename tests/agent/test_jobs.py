@@ -24,6 +24,16 @@ def test_minimal_prompt_job_gets_defaults() -> None:
     assert job.stop == () and job.priority == 0 and job.deadline_ms is None
 
 
+def test_null_optional_fields_mean_not_given() -> None:
+    """Found by the fuzzer: `"priority": null` crashed the parser (an assert) instead of being
+    answered; every optional field now reads null as absent."""
+    nulls = {k: None for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                               "stream", "priority", "deadline_ms")}  # fmt: skip
+    job = parse_job(json.dumps({"id": "n1", "prompt": "hi", **nulls}).encode(), LIMITS)
+    assert job == parse_job(b'{"id": "n1", "prompt": "hi"}', LIMITS)
+    assert refused(b'{"id": "n2", "prompt": null}').job_code == "invalid_request"
+
+
 def test_full_messages_job() -> None:
     job = parse(
         {

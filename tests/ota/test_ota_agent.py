@@ -359,7 +359,8 @@ def test_a_rollout_over_real_agents_halts_on_a_failure_and_spares_the_later_wave
         )  # fmt: skip
         assert halted.halted and halted.waves_run == 1
         untrusting, *good = halted.results
-        assert untrusting.state == "failed" and "[untrusted]" in (untrusting.error or ""), untrusting
+        assert untrusting.state == "failed", untrusting
+        assert "[untrusted]" in (untrusting.error or ""), untrusting
         assert [r.state for r in good] == ["skipped", "skipped"]
         time.sleep(1.0)
         probe.drain()
