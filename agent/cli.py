@@ -13,7 +13,7 @@ from types import FrameType
 
 from agent import __version__, sdnotify
 from agent.config import load_config, with_overrides
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 
 log = logging.getLogger("edge-agent")
 
@@ -111,16 +111,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from agent.bench import BenchSettings, format_table, run_bench, to_json
+    from agent.bench import BenchSettings, format_table, parse_peer, run_bench, to_json
 
+    try:
+        peers = [parse_peer(spec) for spec in args.peer]
+    except ValueError as exc:
+        raise ConfigError("bad_config", f"--peer: {exc}") from exc
     settings = BenchSettings(
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         runs=args.runs,
         threads=args.threads,
         concurrency=args.concurrency,
+        mqtt=args.mqtt or args.broker is not None,
+        broker=args.broker,
     )
-    results = run_bench(args.bundle, settings)
+    results = run_bench(args.bundle, settings, peers)
     print(to_json(results, settings) if args.json else format_table(results))
     return 1 if any("error" in r for r in results) else 0
 
@@ -166,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="also measure aggregate tokens/s of N jobs decoded together vs one",
+    )
+    bench.add_argument(
+        "--mqtt",
+        action="store_true",
+        help="also time the same job over MQTT against a direct call (the agent's overhead), "
+        "through a private Mosquitto on a free port",
+    )
+    bench.add_argument("--broker", metavar="HOST:PORT", help="for --mqtt: use this broker instead")
+    bench.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="RUNTIME=MODEL",
+        help="the same workload through another runtime, when it is installed: "
+        "llama.cpp=FILE.gguf (or llama.cpp=smollm2-135m), onnxruntime-genai=DIR (a folder "
+        "from its model builder); repeatable",
     )
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.set_defaults(handler=_bench)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from build_engine.disk import release_range
 from build_engine.errors import BuildError
 from build_engine.model_source import SUPPORTED_MODEL_TYPES
+from build_engine.shape_simplify import simplify_shapes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -133,6 +134,9 @@ def export_onnx(
         progress("post-processing: de-duplicating tied embedding / lm_head")
         graph = onnx.load(str(raw_dir / ONNX_NAME), load_external_data=False)
         deduped = _tied(model) and _dedupe_tied_lm_head(graph, raw_dir)
+        progress("post-processing: constant shapes for the exported view/reshape/expand arithmetic")
+        removed = simplify_shapes(graph)
+        progress(f"removed {removed} of {removed + len(graph.graph.node)} nodes")
 
         progress(f"saving {ONNX_NAME} + {DATA_NAME}")
         _write_with_external_data(graph, raw_dir, final_dir / ONNX_NAME, DATA_NAME)

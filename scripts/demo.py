@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +16,7 @@ import time
 from pathlib import Path
 
 from agent.config import MqttConfig
+from agent.local_broker import start_local_broker
 from fleet.prompt import PromptJob, print_event, send_prompt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,12 +29,6 @@ def say(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def build_bundle(out: Path) -> None:
     if (out / "manifest.json").is_file():
         say(f"using the bundle already built at {out.relative_to(REPO)} (delete it to rebuild)")
@@ -43,33 +36,6 @@ def build_bundle(out: Path) -> None:
     say("building the default bundle: SmolLM2-135M-Instruct -> ONNX with KV cache")
     command = ["-m", "build_engine", "export", "--model", "smollm2-135m", "--out", str(out)]
     subprocess.run([sys.executable, *command], check=True)
-
-
-def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    config = workdir / "mosquitto.conf"
-    config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    process = subprocess.Popen(
-        [mosquitto, "-c", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=(workdir / "mosquitto.log").open("wb"),
-    )
-    wait_for_port(port, process, "mosquitto")
-    return process, port
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{what} exited with status {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{what} did not start listening on port {port}")
 
 
 def wait_for_line(log: Path, needle: str, process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -93,8 +59,9 @@ def main() -> int:
     build_bundle(args.bundle)
     with tempfile.TemporaryDirectory(prefix="edge-demo-") as tmp:
         workdir = Path(tmp)
-        broker, port = start_broker(workdir)
-        say(f"started Mosquitto on 127.0.0.1:{port}")
+        broker = start_local_broker(workdir)
+        port = broker.port
+        say(f"started Mosquitto on {broker.address}")
         agent_log = workdir / "agent.log"
         agent = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--bundle", str(args.bundle),
@@ -125,8 +92,7 @@ def main() -> int:
         finally:
             agent.send_signal(signal.SIGTERM)
             status = agent.wait(60)
-            broker.terminate()
-            broker.wait(10)
+            broker.stop()
             say(f"agent stopped (exit {status}), broker stopped")
     return 0
 

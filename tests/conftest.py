@@ -7,8 +7,6 @@ import errno
 import json
 import os
 import queue
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,58 +24,26 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.bundle import MANIFEST_NAME, file_table
+from agent.errors import AgentError
+from agent.local_broker import LocalBroker, start_local_broker
+from agent.local_broker import launch_mosquitto as launch_broker
 
 REPO = Path(__file__).resolve().parent.parent
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Broker:
-    host: str
-    port: int
-    process: subprocess.Popen[bytes]
-    config_path: Path
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
+Broker = LocalBroker  # the tests' name for a running Mosquitto
 
 
 def start_mosquitto(directory: Path, port: int | None = None) -> Broker:
-    if not Path(MOSQUITTO).exists():
-        pytest.fail("mosquitto is not installed: run `make test` (it installs it) or apt-get it")
-    port = port or free_port()
-    directory.mkdir(parents=True, exist_ok=True)
-    config = directory / "mosquitto.conf"
-    config.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 10000\nlog_dest stderr\n"
-    )
-    return launch_mosquitto(config, port, "mosquitto")
+    try:
+        return start_local_broker(directory, port)
+    except AgentError as exc:
+        pytest.fail(f"{exc} (`make test` installs it)")
 
 
 def launch_mosquitto(config: Path, port: int, what: str) -> Broker:
-    """Run Mosquitto with `config` (logging to mosquitto.log beside it) until it listens."""
-    log_path = config.parent / "mosquitto.log"
-    log = log_path.open("wb")
-    process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=log, stderr=log)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return Broker("127.0.0.1", port, process, config)
-        except OSError:
-            if process.poll() is not None:
-                break
-            time.sleep(0.05)
-    process.kill()
-    pytest.fail(f"{what} did not start:\n{log_path.read_text()}")
+    try:
+        return launch_broker(config, port, what)
+    except AgentError as exc:
+        pytest.fail(str(exc))
 
 
 @contextmanager

@@ -1,7 +1,10 @@
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 def test_bench_reports_medians_per_bundle(default_bundle: Path) -> None:
@@ -31,5 +34,50 @@ def test_bench_table_and_a_broken_bundle(default_bundle: Path, tmp_path: Path) -
     )  # fmt: skip
     assert result.returncode == 1  # one bundle failed: the others are still measured
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:3] == ["bundle", "precision", "size"]
+    assert lines[0].split()[:5] == ["runtime", "/", "bundle", "precision", "size"]
     assert "fp32" in lines[2] and "no manifest.json" in lines[3]
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "bench", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_bench_over_mqtt_measures_the_same_job_both_ways(default_bundle: Path) -> None:
+    """A private Mosquitto, the agent service on the loaded bundle, the job over MQTT against
+    the same job called directly (the bench refuses to report if they did different work)."""
+    result = bench("--bundle", str(default_bundle), "--runs", "2", "--new-tokens", "6",
+                   "--prompt-tokens", "24", "--mqtt", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (figures,) = json.loads(result.stdout)["results"]
+    assert 1 <= figures["mqtt_tokens"] <= 6
+    assert len(figures["mqtt_overhead_ms_all"]) == 2
+    assert figures["mqtt_ms"] > 0 and figures["direct_ms"] > 0
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="llama-cpp-python is not installed (an optional peer of the benchmark, not a "
+    "dependency: pip install llama-cpp-python)",
+)
+def test_bench_runs_llama_cpp_on_the_same_tokens(default_bundle: Path) -> None:
+    result = bench("--bundle", str(default_bundle), "--runs", "1", "--new-tokens", "8",
+                   "--prompt-tokens", "24", "--peer", "llama.cpp=smollm2-135m",
+                   "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    ours, peer = json.loads(result.stdout)["results"]
+    assert peer["name"].startswith("llama.cpp") and peer["precision"] == "Q4_1"
+    assert peer["prompt_tokens"] == ours["prompt_tokens"] == 24
+    assert peer["decode_tokens_per_s"] > 0 and peer["ttft_ms"] > 0
+
+
+def test_bench_peer_problems_are_rows_or_clear_errors(default_bundle: Path, tmp_path: Path) -> None:
+    peer = f"onnxruntime-genai={tmp_path / 'none'}"
+    missing = bench("--bundle", str(default_bundle), "--runs", "1", "--new-tokens", "2",
+                    "--prompt-tokens", "8", "--peer", peer)  # fmt: skip
+    assert missing.returncode == 1  # the bundle is measured, the peer row says why it is not
+    row = missing.stdout.splitlines()[-1]
+    assert "error" in row and ("does not exist" in row or "is not installed" in row), row
+    bad = bench("--bundle", str(default_bundle), "--peer", "vllm=model")
+    assert bad.returncode == 2 and "--peer" in bad.stderr and "Traceback" not in bad.stderr

