@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUNTIME=MODEL",
         help="the same workload through another runtime, when it is installed: "
         "llama.cpp=FILE.gguf (or llama.cpp=smollm2-135m), onnxruntime-genai=DIR (a folder "
-        "from its model builder); repeatable",
+        "from its model builder), onnxruntime-loop=BUNDLE (the textbook session.run loop, "
+        "the baseline); repeatable",
     )
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.set_defaults(handler=_bench)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from build_engine.disk import release_range
 from build_engine.errors import BuildError
+from build_engine.grouped_attention import grouped_attention_for_export
 from build_engine.model_source import SUPPORTED_MODEL_TYPES
 from build_engine.shape_simplify import simplify_shapes
 
@@ -177,7 +178,7 @@ def _optimum_export(model: PreTrainedModel, raw_dir: Path, opset: int | None) ->
     from optimum.exporters.onnx import onnx_export_from_model
 
     try:
-        with warnings.catch_warnings(), _torch_external_data_kept():
+        with warnings.catch_warnings(), _torch_external_data_kept(), grouped_attention_for_export():
             # Tracing an HF model emits dozens of expected TracerWarnings ("converting a tensor
             # to a Python boolean...") that would bury the CLI's progress lines.
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]

