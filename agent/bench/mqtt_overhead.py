@@ -3,7 +3,10 @@ Mosquitto, the agent's parsing, journal, queue and batching worker) against a di
 same loaded model, interleaved run by run so drift in the machine's speed hits both alike.
 
 The overhead is the median of the paired differences. Both sides generate the same greedy tokens
-(checked), so the difference is the agent's and the broker's time, not the model's.
+(checked), so the difference is the agent's and the broker's time, not the model's. The job is
+short (`PROBE_TOKENS` new tokens, non-streaming) and repeated `PROBE_RUNS_PER_RUN` times per
+`--runs`: a long job's own run-to-run spread (tens of ms over seconds) would hide a
+millisecond-sized overhead.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from agent.generation import GenerationRequest, generate
 from agent.local_broker import LocalBroker, start_local_broker
 from agent.runtime import LoadedModel
 from agent.service import AgentService
+
+PROBE_TOKENS = 8
+PROBE_RUNS_PER_RUN = 4
 
 
 def measure_mqtt_overhead(
@@ -55,7 +61,8 @@ def _measure(
     state_dir: Path,
 ) -> dict[str, Any]:
     text = model.codec.tokenizer.decode(prompt_ids, skip_special_tokens=False)
-    request = GenerationRequest(model.codec.encode_prompt(text), max_tokens=settings.new_tokens)
+    tokens = min(settings.new_tokens, PROBE_TOKENS)
+    request = GenerationRequest(model.codec.encode_prompt(text), max_tokens=tokens)
     config = AgentConfig(
         device_id=f"bench-{uuid.uuid4().hex[:8]}",
         state_dir=state_dir,
@@ -71,7 +78,7 @@ def _measure(
 
         def over_mqtt(job_id: str) -> tuple[float, dict[str, Any]]:
             started = time.perf_counter()
-            job = {"id": job_id, "prompt": text, "max_tokens": settings.new_tokens}
+            job = {"id": job_id, "prompt": text, "max_tokens": tokens}
             listener.publish(service.topics.jobs, job)
             done = listener.final(job_id, timeout=300)
             return (time.perf_counter() - started) * 1000, done
@@ -81,13 +88,14 @@ def _measure(
             result = generate(model.backend, model.codec, request)
             return (time.perf_counter() - started) * 1000, result.completion_tokens
 
-        over_mqtt("warm-up")
-        direct()
+        for warm_up in range(3):
+            over_mqtt(f"warm-up-{warm_up}")
+            direct()
         direct_ms, mqtt_ms = [], []
-        for run in range(settings.runs):
-            direct_time, tokens = direct()
+        for run in range(settings.runs * PROBE_RUNS_PER_RUN):
+            direct_time, generated = direct()
             mqtt_time, done = over_mqtt(f"bench-{run}")
-            if done.get("event") != "done" or done["usage"]["completion_tokens"] != tokens:
+            if done.get("event") != "done" or done["usage"]["completion_tokens"] != generated:
                 raise AgentError(
                     "bench_mismatch", f"the job over MQTT did not do the same work: {done}"
                 )
@@ -98,7 +106,7 @@ def _measure(
         service.shutdown(grace_s=30)
     overheads = [m - d for m, d in zip(mqtt_ms, direct_ms, strict=True)]
     return {
-        "mqtt_tokens": tokens,
+        "mqtt_tokens": generated,
         "direct_ms": round(statistics.median(direct_ms), 1),
         "mqtt_ms": round(statistics.median(mqtt_ms), 1),
         "mqtt_overhead_ms": round(statistics.median(overheads), 2),
