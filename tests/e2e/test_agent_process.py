@@ -104,7 +104,7 @@ def test_fleet_prompt_prints_the_streamed_answer_and_figures(
 
 
 def test_fleet_prompt_without_a_broker_fails_clearly(tmp_path: Path) -> None:
-    from tests.conftest import free_port
+    from agent.local_broker import free_port
 
     result = subprocess.run(
         [sys.executable, "-m", "fleet", "prompt", "hi", "--device", "nobody",

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from agent.config import MqttConfig
+from agent.local_broker import free_port
 from fleet.cli import main
 from fleet.update import OtaStatus, UpdateError, UpdateTimeout, send_update
-from tests.conftest import Broker, free_port
+from tests.conftest import Broker
 from tests.fleet.conftest import DeviceFactory
 
 SHA = "ab" * 32

@@ -24,8 +24,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.local_broker import MOSQUITTO
-from tests.conftest import AgentProcess, Broker, free_port
+from agent.local_broker import MOSQUITTO, free_port
+from tests.conftest import AgentProcess, Broker
 
 FINAL = ("done", "error")
 

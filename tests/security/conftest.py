@@ -19,8 +19,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.local_broker import free_port
 from fleet.certs import make_ca, make_client, make_server
-from tests.conftest import REPO, Broker, free_port, launch_mosquitto
+from tests.conftest import REPO, Broker, launch_mosquitto
 
 DEPLOY = REPO / "deploy" / "mosquitto"
 

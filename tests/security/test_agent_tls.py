@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Broker, free_port
+from agent.local_broker import free_port
+from tests.conftest import Broker
 from tests.security.conftest import Pki, TlsClient, broker_log
 
 pytestmark = pytest.mark.session_bundle
