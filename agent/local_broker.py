@@ -27,13 +27,18 @@ class LocalBroker:
         return f"{self.host}:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, grace_s=10)
+
+
+def stop_process(process: subprocess.Popen[bytes], grace_s: float) -> int:
+    """SIGTERM, up to `grace_s` seconds to exit, then SIGKILL; the exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            return process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait(10)
 
 
 def free_port() -> int:
@@ -54,14 +59,17 @@ def start_local_broker(directory: Path, port: int | None = None) -> LocalBroker:
     return launch_mosquitto(config, port)
 
 
-def launch_mosquitto(config: Path, port: int, what: str = "mosquitto") -> LocalBroker:
-    """Run Mosquitto with `config` (logging to mosquitto.log beside it) until it listens."""
+def launch_mosquitto(
+    config: Path, port: int, what: str = "mosquitto", *, append_log: bool = False
+) -> LocalBroker:
+    """Run Mosquitto with `config` (logging to mosquitto.log beside it, appended to across
+    restarts with `append_log`) until it listens."""
     if not Path(MOSQUITTO).exists():
         raise AgentError(
             "no_broker", "mosquitto is not installed: `sudo apt-get install mosquitto`"
         )
     log_path = config.parent / "mosquitto.log"
-    with log_path.open("wb") as log:
+    with log_path.open("ab" if append_log else "wb") as log:
         process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=log, stderr=log)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

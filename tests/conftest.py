@@ -39,9 +39,9 @@ def start_mosquitto(directory: Path, port: int | None = None) -> Broker:
         pytest.fail(f"{exc} (`make test` installs it)")
 
 
-def launch_mosquitto(config: Path, port: int, what: str) -> Broker:
+def launch_mosquitto(config: Path, port: int, what: str, *, append_log: bool = False) -> Broker:
     try:
-        return launch_broker(config, port, what)
+        return launch_broker(config, port, what, append_log=append_log)
     except AgentError as exc:
         pytest.fail(str(exc))
 
@@ -89,8 +89,7 @@ def fill(directory: Path) -> Path:
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     b = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
     yield b
-    b.process.terminate()
-    b.process.wait(10)
+    b.stop()
 
 
 @pytest.fixture(scope="session")

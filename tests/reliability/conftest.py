@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -24,8 +23,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.local_broker import MOSQUITTO, free_port
-from tests.conftest import AgentProcess, Broker
+from agent.local_broker import free_port, stop_process
+from tests.conftest import AgentProcess, Broker, launch_mosquitto
 
 FINAL = ("done", "error")
 
@@ -54,19 +53,9 @@ class OwnBroker:
             f"persistence true\npersistence_location {self.directory}/\n"
             "max_queued_messages 10000\nlog_dest stderr\nuser root\n"
         )
-        log = (self.directory / "mosquitto.log").open("ab")
-        self.process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=log, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self.broker
-            except OSError:
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.05)
-        self.process.kill()
-        pytest.fail(f"mosquitto did not start: {(self.directory / 'mosquitto.log').read_text()}")
+        launched = launch_mosquitto(config, self.port, "mosquitto", append_log=True)
+        self.process = launched.process
+        return self.broker
 
     def stop(self) -> None:
         """A clean stop (SIGTERM): Mosquitto writes its persistence database and exits."""
@@ -230,13 +219,7 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def stop_agent(agent: AgentProcess) -> None:
-    if agent.process.poll() is None:
-        agent.process.terminate()
-        try:
-            agent.process.wait(60)
-        except subprocess.TimeoutExpired:
-            agent.process.kill()
-            agent.process.wait(10)
+    stop_process(agent.process, grace_s=60)
 
 
 # Fast reconnects for every fault test: the broker comes back within seconds.

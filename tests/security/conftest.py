@@ -113,8 +113,7 @@ def start_tls_mosquitto(pki: Pki, directory: Path) -> Broker:
 def tls_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     broker = start_tls_mosquitto(pki, tmp_path_factory.mktemp("mosquitto-tls"))
     yield broker
-    broker.process.terminate()
-    broker.process.wait(10)
+    broker.stop()
 
 
 def broker_log(broker: Broker) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent.local_broker import free_port
+from agent.local_broker import free_port, stop_process
 from tests.conftest import Broker
 from tests.security.conftest import Pki, TlsClient, broker_log
 
@@ -64,16 +64,6 @@ def wait_connected_or_not(process: subprocess.Popen[bytes], log_path: Path) -> s
     return log_path.read_text(errors="replace")
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
 def ask(operator: TlsClient, topic: str, job: dict[str, Any], reply: str, **kw: Any) -> Any:
     operator.publish(topic, job, **kw)
     while True:
@@ -92,10 +82,10 @@ def tls_agent(
     )
     log = wait_connected_or_not(process, log_path)
     if "connected to" not in log:
-        stop(process)
+        stop_process(process, grace_s=30)
         pytest.fail(f"the agent did not connect over TLS:\n{log[-3000:]}")
     yield log_path
-    stop(process)
+    stop_process(process, grace_s=30)
     assert process.returncode == 0, log_path.read_text()[-3000:]
 
 
