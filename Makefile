@@ -23,7 +23,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 typecheck: setup
-	$(VENV)/bin/mypy agent build_engine fleet
+	$(VENV)/bin/mypy agent build_engine fleet scripts tests
 
 setup: $(STAMP)
 

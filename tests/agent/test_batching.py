@@ -37,7 +37,7 @@ def requests(model: LoadedModel) -> list[GenerationRequest]:
 def test_batched_greedy_equals_one_at_a_time(model: LoadedModel) -> None:
     reqs = requests(model)
     alone = [generate(model.backend, model.codec, r) for r in reqs]
-    results: dict[int, GenerationResult] = {}
+    results: dict[int, GenerationResult | None] = {}
     streamed: dict[int, list[str]] = {i: [] for i in range(len(reqs))}
     batch = BatchGenerator(model.backend, max_batch=4)
 
@@ -63,6 +63,7 @@ def test_batched_greedy_equals_one_at_a_time(model: LoadedModel) -> None:
     assert sorted(results) == list(range(len(reqs)))
     for i, expected in enumerate(alone):
         got = results[i]
+        assert got is not None, f"prompt {i} failed in the batch"
         assert got.token_ids == expected.token_ids, f"prompt {i} diverged in the batch"
         assert got.text == expected.text == "".join(streamed[i])
         assert got.finish_reason == expected.finish_reason

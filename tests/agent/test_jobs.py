@@ -2,12 +2,12 @@ import json
 
 import pytest
 
-from agent.jobs import InvalidPayload, RequestLimits, parse_cancel, parse_job
+from agent.jobs import InvalidPayload, JobRequest, RequestLimits, parse_cancel, parse_job
 
 LIMITS = RequestLimits(max_payload_bytes=4096, max_tokens_limit=512, default_max_tokens=64)
 
 
-def parse(data: object) -> object:
+def parse(data: object) -> JobRequest:
     return parse_job(json.dumps(data).encode(), LIMITS)
 
 

@@ -4,6 +4,7 @@ against scripted devices (test stand-ins for agents; see tests/fleet/conftest.py
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -140,7 +141,10 @@ def test_cli_rollout_json_and_exit_status(
 
 
 def test_cli_rollout_human_output(
-    broker: Broker, scripted_device: DeviceFactory, capsys: pytest.CaptureFixture[str], tmp_path
+    broker: Broker,
+    scripted_device: DeviceFactory,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     fleet = [scripted_device("ok") for _ in range(3)]
     devices_file = tmp_path / "fleet.txt"
