@@ -213,12 +213,14 @@ def validate(config: AgentConfig) -> AgentConfig:
     return config
 
 
-def validate_tls(mqtt: MqttConfig) -> None:
+def validate_tls(mqtt: MqttConfig, names: dict[str, str] | None = None) -> None:
     """Checked at start, before the (slow) bundle load: a typo in a path must not surface as a
-    TLS handshake that never completes."""
+    TLS handshake that never completes. `names` maps a field to what the caller calls it (the
+    fleet tool's `--ca` flag, say); by default the agent's config key `mqtt.<field>`."""
+    label = {f: (names or {}).get(f, f"mqtt.{f}") for f in ("ca_file", "cert_file", "key_file")}
     if bool(mqtt.cert_file) != bool(mqtt.key_file):
-        raise ConfigError("bad_config", "mqtt.cert_file and mqtt.key_file go together")
-    for option in ("ca_file", "cert_file", "key_file"):
+        raise ConfigError("bad_config", f"{label['cert_file']} and {label['key_file']} go together")
+    for option, name in label.items():
         value = getattr(mqtt, option)
         if value and not Path(value).is_file():
-            raise ConfigError("bad_config", f"mqtt.{option} {value} is not a file")
+            raise ConfigError("bad_config", f"{name} {value} is not a file")

@@ -187,16 +187,10 @@ def _broker(args: argparse.Namespace) -> MqttConfig:
         key_file=args.key,
     )
     try:
-        validate_tls(config)
-    except ConfigError as exc:  # worded with the agent's setting names: say the flags instead
-        message = exc.message
-        for setting, flag in _TLS_FLAGS.items():
-            message = message.replace(setting, flag)
-        raise ConfigError("bad_command", message) from None
+        validate_tls(config, names={"ca_file": "--ca", "cert_file": "--cert", "key_file": "--key"})
+    except ConfigError as exc:
+        raise ConfigError("bad_command", exc.message) from None
     return config
-
-
-_TLS_FLAGS = {"mqtt.ca_file": "--ca", "mqtt.cert_file": "--cert", "mqtt.key_file": "--key"}
 
 
 def _update(args: argparse.Namespace) -> int:

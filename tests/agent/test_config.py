@@ -79,3 +79,10 @@ def test_the_default_honours_any_publishable_response_topic() -> None:
 )  # fmt: skip
 def test_topic_filter_syntax(pattern: str, valid: bool) -> None:
     assert is_valid_topic_filter(pattern) is valid
+
+
+def test_the_fleet_tool_hears_its_own_flag_names(capsys: pytest.CaptureFixture[str]) -> None:
+    from fleet.cli import main
+
+    assert main(["prompt", "hi", "--fleet", "--ca", "/nonexistent/ca.pem"]) == 2
+    assert "[bad_command] --ca /nonexistent/ca.pem is not a file" in capsys.readouterr().err
