@@ -85,6 +85,20 @@ def fill(directory: Path) -> Path:
     return filler
 
 
+def publish_properties(
+    response_topic: str | None, correlation_data: bytes | None
+) -> Properties | None:
+    """MQTT v5 request/response properties for a PUBLISH, or None when neither is given."""
+    if response_topic is None and correlation_data is None:
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
+    if correlation_data is not None:
+        props.CorrelationData = correlation_data
+    return props
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     b = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
@@ -173,13 +187,7 @@ class MqttProbe:
     ) -> None:
         if isinstance(payload, dict):
             payload = json.dumps(payload)
-        props = None
-        if response_topic is not None or correlation_data is not None:
-            props = Properties(PacketTypes.PUBLISH)
-            if response_topic is not None:
-                props.ResponseTopic = response_topic
-            if correlation_data is not None:
-                props.CorrelationData = correlation_data
+        props = publish_properties(response_topic, correlation_data)
         self.client.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
 
     def next(self, timeout: float = 60.0, topic: str | None = None) -> Received:

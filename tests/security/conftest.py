@@ -16,12 +16,10 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.local_broker import free_port
 from fleet.certs import make_ca, make_client, make_server
-from tests.conftest import REPO, Broker, launch_mosquitto
+from tests.conftest import REPO, Broker, launch_mosquitto, publish_properties
 
 DEPLOY = REPO / "deploy" / "mosquitto"
 
@@ -213,13 +211,7 @@ class TlsClient:
         """Publish at QoS 1; return the PUBACK reason code (0 success, 0x87 not authorized)."""
         if isinstance(payload, dict):
             payload = json.dumps(payload)
-        props = None
-        if response_topic is not None or correlation_data is not None:
-            props = Properties(PacketTypes.PUBLISH)
-            if response_topic is not None:
-                props.ResponseTopic = response_topic
-            if correlation_data is not None:
-                props.CorrelationData = correlation_data
+        props = publish_properties(response_topic, correlation_data)
         info = self.client.publish(topic, payload, qos=1, retain=retain, properties=props)
         code: int = self._wait(self.pubacks, info.mid)
         return code

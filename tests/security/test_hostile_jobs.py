@@ -23,12 +23,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent import events
 from agent.jobs import JOB_ID_RE, ROLES, InvalidPayload, JobRequest, RequestLimits, parse_job
-from tests.conftest import AgentProcess, Broker, start_agent
+from tests.conftest import AgentProcess, Broker, publish_properties, start_agent
 
 CONTRACT_CODES = {
     "invalid_json", "invalid_request", "prompt_too_long", "queue_full", "duplicate",
@@ -322,9 +320,7 @@ def test_a_live_agent_answers_every_hostile_payload(live: Live, payload: bytes) 
     request = _parsed(payload)
     marker = uuid.uuid4().hex[:12].encode()
     reply = f"{live.prefix}/{marker.decode()}"
-    props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = reply
-    props.CorrelationData = marker
+    props = publish_properties(reply, marker)
     live.client.publish(f"edgellm/{live.agent.device}/jobs", payload, qos=1, properties=props)
     deadline = time.monotonic() + 60
     while True:
@@ -364,9 +360,7 @@ def _parsed(payload: bytes) -> JobRequest | None:
 )
 def test_a_live_agent_answers_the_payloads_of_the_known_bugs(live: Live, body: bytes) -> None:
     reply = f"{live.prefix}/known-bug-{uuid.uuid4().hex[:6]}"
-    props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = reply
-    props.CorrelationData = b"k"
+    props = publish_properties(reply, b"k")
     live.client.publish(f"edgellm/{live.agent.device}/jobs", body, qos=1, properties=props)
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
