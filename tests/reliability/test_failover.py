@@ -47,16 +47,29 @@ def two_agents(bundle: Path, own_broker: OwnBroker, tmp_path: Path) -> list[Agen
     ]
 
 
-def submit_and_split(
-    submitter: FleetSubmitter, victim: str, count: int, prefix: str
+def jobs_waiting_at_victim(
+    submitter: FleetSubmitter,
+    collector: Collector,
+    agents: list[AgentProcess],
+    count: int,
+    prefix: str,
 ) -> tuple[list[str], list[str]]:
+    """Once both agents are online, `count` fleet jobs; returns them all and those queued (not
+    yet answered) at the first agent, the victim: at least 3 of them."""
+    for agent in agents:
+        collector.wait_status(agent.device, "online", 60)
+    submitter.start()
     ids = [submitter.submit(job(f"{prefix}-{n}", max_tokens=32)) for n in range(count)]
     deadline = time.monotonic() + 30
     while any(submitter.device_of(i) is None for i in ids):
         assert time.monotonic() < deadline, "not every fleet job was accepted"
         time.sleep(0.05)
-    at_victim = [i for i in ids if submitter.device_of(i) == victim]
-    return ids, at_victim
+    victim = agents[0].device
+    queued = [
+        i for i in ids if submitter.device_of(i) == victim and submitter.history(i)[1] is None
+    ]
+    assert len(queued) >= 3, f"only {len(queued)} jobs waiting at the victim"
+    return ids, queued
 
 
 def measure(
@@ -82,12 +95,7 @@ def test_a_killed_agents_fleet_jobs_are_answered_by_the_other(
     policy = ResubmitPolicy(accept_timeout_s=3.0)
     submitter = FleetSubmitter(MqttConfig(host="127.0.0.1", port=own_broker.port), policy)
     try:
-        for agent in agents:
-            collector.wait_status(agent.device, "online", 60)
-        submitter.start()
-        ids, at_victim = submit_and_split(submitter, victim.device, 12, "kill")
-        queued = [i for i in at_victim if submitter.history(i)[1] is None]
-        assert len(queued) >= 3, f"only {len(queued)} jobs waiting at the victim"
+        ids, queued = jobs_waiting_at_victim(submitter, collector, agents, 12, "kill")
         victim.process.send_signal(signal.SIGKILL)
         died = time.monotonic()
         victim.process.wait(10)
@@ -121,16 +129,10 @@ def test_a_frozen_agents_fleet_jobs_are_answered_by_the_other(
     collector: Collector = collector_for(own_broker.broker)  # type: ignore[operator]
     agents = two_agents(default_bundle, own_broker, tmp_path)
     victim, survivor = agents
-    submitter = FleetSubmitter(
-        MqttConfig(host="127.0.0.1", port=own_broker.port), ResubmitPolicy(accept_timeout_s=3.0)
-    )
+    policy = ResubmitPolicy(accept_timeout_s=3.0)
+    submitter = FleetSubmitter(MqttConfig(host="127.0.0.1", port=own_broker.port), policy)
     try:
-        for agent in agents:
-            collector.wait_status(agent.device, "online", 60)
-        submitter.start()
-        ids, at_victim = submit_and_split(submitter, victim.device, 12, "freeze")
-        queued = [i for i in at_victim if submitter.history(i)[1] is None]
-        assert len(queued) >= 3, f"only {len(queued)} jobs waiting at the victim"
+        ids, queued = jobs_waiting_at_victim(submitter, collector, agents, 12, "freeze")
         os.kill(victim.process.pid, signal.SIGSTOP)
         died = time.monotonic()
         offline = collector.wait_status(victim.device, "offline", 30, after=died)
