@@ -77,7 +77,6 @@ A 3B model costs roughly 20x that in time; the windows and canaries stay the sam
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -101,11 +100,6 @@ GATE_FAILED = "accuracy_gate_failed"
 GATE_ERROR = "accuracy_gate_error"
 POSITION_BUCKETS = 8  # top-1 agreement is also reported over this many position ranges
 _LOSS_CHUNK = 64  # rows of logits converted to float64 at a time for the cross-entropy
-_PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-_ORT_FLOATS: dict[str, type[np.floating[Any]]] = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-}
 
 
 @dataclass(frozen=True)
@@ -423,7 +417,7 @@ def _teacher_forced(
     One session per graph, opened here and released on return, so the reference and the
     candidate are never both in memory.
     """
-    session = _PrefillSession(onnx_path, role)
+    session = _PrefillSession(onnx_path, role, max(len(w) for w in windows))
     argmaxes: list[npt.NDArray[np.int64]] = []
     total_nll = 0.0
     nonfinite = 0
@@ -455,61 +449,28 @@ def _next_token_nll(logits: npt.NDArray[np.float32], ids: Sequence[int]) -> floa
 
 
 class _PrefillSession:
-    """An ORT CPU session that runs a whole window as one prefill over an empty KV cache."""
+    """A whole window as one prefill over an empty KV cache, on the agent's own CPU backend (so
+    the gate runs each graph exactly as the agent will, whichever KV contract it has)."""
 
-    def __init__(self, onnx_path: Path, role: str) -> None:
-        import onnxruntime as ort
-
+    def __init__(self, onnx_path: Path, role: str, max_len: int) -> None:
         self._path = onnx_path
         try:
-            self._session = ort.InferenceSession(
-                str(onnx_path), ort.SessionOptions(), providers=["CPUExecutionProvider"]
+            self._backend = OnnxRuntimeBackend(
+                onnx_path, max_seq_len=max_len, providers=["CPUExecutionProvider"]
             )
-        except Exception as exc:  # onnxruntime raises its own untyped exceptions
-            raise BuildError(
-                GATE_ERROR, f"ONNX Runtime cannot load the {role} graph {onnx_path}: {exc}"
-            ) from exc
-        inputs = {i.name: i for i in self._session.get_inputs()}
-        missing = [n for n in ("input_ids", "attention_mask") if n not in inputs]
-        if missing or "logits" not in {o.name for o in self._session.get_outputs()}:
-            raise BuildError(
-                GATE_ERROR,
-                f"the {role} graph {onnx_path} is not a decoder with input_ids, attention_mask "
-                "and logits",
-            )
-        self._has_positions = "position_ids" in inputs
-        self._empty_pasts: dict[str, npt.NDArray[Any]] = {}
-        for name, info in inputs.items():
-            if _PAST_RE.match(name) is None:
-                continue
-            shape, dtype = info.shape, _ORT_FLOATS.get(info.type)
-            if dtype is None or not all(isinstance(d, int) for d in (shape[1], shape[3])):
-                raise BuildError(
-                    GATE_ERROR,
-                    f"the {role} graph's {name} is {info.type} {shape}; expected float or "
-                    "float16 [batch, kv_heads, past, head_dim] with fixed heads and head_dim",
-                )
-            self._empty_pasts[name] = np.zeros((1, shape[1], 0, shape[3]), dtype=dtype)
-        if not self._empty_pasts:
-            raise BuildError(GATE_ERROR, f"the {role} graph {onnx_path} has no past_key_values")
+        except BundleError as exc:
+            raise BuildError(GATE_ERROR, f"the {role} graph {onnx_path}: {exc}") from exc
 
     def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
-        length = len(ids)
-        feed: dict[str, npt.NDArray[Any]] = {
-            "input_ids": np.asarray([ids], dtype=np.int64),
-            "attention_mask": np.ones((1, length), dtype=np.int64),
-            **self._empty_pasts,
-        }
-        if self._has_positions:
-            feed["position_ids"] = np.arange(length, dtype=np.int64)[None, :]
+        state = self._backend.new_state(1)
         try:
-            (logits,) = self._session.run(["logits"], feed)
-        except Exception as exc:
+            logits = self._backend.prefill(state, np.asarray([ids]), all_positions=True)
+        except EngineError as exc:
             raise BuildError(GATE_ERROR, f"ONNX Runtime failed on {self._path}: {exc}") from exc
         return np.asarray(logits[0], dtype=np.float32)
 
     def close(self) -> None:
-        del self._session
+        self._backend.close()
 
 
 # --- golden canaries -----------------------------------------------------------------------------
