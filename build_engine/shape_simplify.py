@@ -48,7 +48,7 @@ def simplify_shapes(model: onnx.ModelProto) -> int:
             continue
         if new is not None and node.input[1] not in constants:
             node.input[1] = _add_shape_constant(model, f"{node.output[0]}_static_shape", new)
-    _remove_unused_nodes(model)
+    remove_unused_nodes(model)
     return before - len(model.graph.node)
 
 
@@ -133,7 +133,7 @@ def _add_shape_constant(model: onnx.ModelProto, name: str, values: list[int]) ->
     return name
 
 
-def _remove_unused_nodes(model: onnx.ModelProto) -> None:
+def remove_unused_nodes(model: onnx.ModelProto) -> None:
     """Drop nodes none of whose outputs is used (repeatedly: removing one frees its inputs)."""
     graph = model.graph
     outputs = {o.name for o in graph.output}

@@ -33,11 +33,14 @@ import numpy as np
 from build_engine.quantize.common import (
     Precision,
     Progress,
+    TiedHead,
     find_lm_head,
     load_model,
     save_model,
 )
+from build_engine.quantize.cpu_attention import use_group_query_attention
 from build_engine.quantize.fuse_linear import fuse_parallel_matmuls
+from build_engine.quantize.logits_slice import slice_logits_input
 
 if TYPE_CHECKING:
     import onnx
@@ -97,9 +100,7 @@ def _nbits(
         MatMulNBitsQuantizer,
     )
 
-    model, fusion = fuse_for_cpu(src)
-    head = find_lm_head(model)
-    merged = fuse_parallel_matmuls(model)  # after find_lm_head: the lm_head is never merged
+    model, head, graph_details = cpu_graph(src)
     config = DefaultWeightOnlyQuantConfig(
         block_size=block,
         is_symmetric=symmetric,
@@ -132,10 +133,29 @@ def _nbits(
         "algorithm": "RTN",
         "lm_head": f"int{bits}" if f"{head.matmul}_Q{bits}" in nbits else "fp32",
         "embedding": "fp32 table (the Gather keeps reading the original tied initializer)",
-        "fusion": fusion,
-        "merged_linear_layers": merged,  # q|k|v and gate|up as one MatMulNBits each
+        **graph_details,
     }
     return method, details
+
+
+def cpu_graph(src: Path) -> tuple[onnx.ModelProto, TiedHead, dict[str, Any]]:
+    """The fp32 graph every cpu precision starts from: RoPE/RMSNorm fused, q|k|v and gate|up
+    merged, attention on shared KV buffers, the lm_head run for the wanted positions only."""
+    model, fusion = fuse_for_cpu(src)
+    head = find_lm_head(model)
+    merged = fuse_parallel_matmuls(model)  # after find_lm_head: the lm_head is never merged
+    attention = use_group_query_attention(model)  # reads the merged q|k|v as one packed input
+    last_logits = slice_logits_input(model)
+    return (
+        model,
+        head,
+        {
+            "fusion": fusion,
+            "merged_linear_layers": merged,  # q|k|v and gate|up as one MatMul each
+            "attention": attention,
+            "lm_head_positions": "last only when generating" if last_logits else "all",
+        },
+    )
 
 
 def fuse_for_cpu(src: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
@@ -145,10 +165,10 @@ def fuse_for_cpu(src: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
     "qwen3") rewrites the exported rotary subgraphs into `RotaryEmbedding` (fed by our per-row
     position_ids, so left-padded batches stay right) and each residual Add + RMSNorm into
     `SkipSimplifiedLayerNormalization`: about 1500 fewer small nodes per decode step, +13% decode
-    speed on SmolLM2-135M int4. Attention is not fused (its `GroupQueryAttention` takes a
-    right-padding sequence length, not our left-padded attention mask). The rewrite is pattern
-    matching: when it does not match, or fails, the unfused graph is used (recorded in details);
-    the accuracy gate checks the result either way.
+    speed on SmolLM2-135M int4. Attention is left to `cpu_attention` (GroupQueryAttention over
+    shared KV buffers), which starts from this fused graph. The rewrite is pattern matching: when
+    it does not match, or fails, the unfused graph is used (recorded in details); the accuracy
+    gate checks the result either way.
     """
     import onnx
 
@@ -186,7 +206,7 @@ def fuse_for_cpu(src: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
 
 def _fp16_storage(src: Path, staging: Path, progress: Progress) -> tuple[str, dict[str, Any]]:
     progress("cpu fp16: fp16 weight storage behind Casts (ONNX Runtime computes in fp32)")
-    model = load_model(src)
+    model, _head, graph_details = cpu_graph(src)
     converted = store_weights_fp16(model)
     save_model(model, staging)
     method = "fp16 weight storage, Cast to fp32 at load (ONNX Runtime CPU computes fp32)"
@@ -195,6 +215,7 @@ def _fp16_storage(src: Path, staging: Path, progress: Progress) -> tuple[str, di
         "compute": "fp32 (ONNX Runtime folds the Casts at session start)",
         "why": "ONNX Runtime's CPU provider has no fp16 MatMul on x86; fp16 compute would be "
         "slower than fp32 through inserted Casts",
+        **graph_details,
     }
     return method, details
 

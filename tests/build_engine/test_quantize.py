@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from agent.backends.onnxruntime_backend import OnnxRuntimeBackend
 from build_engine.onnx_export import ExportResult
 from build_engine.quantize import QuantResult, contrib_ops, quantize
 from build_engine.quantize.common import CalibrationFeeds, find_lm_head
@@ -82,9 +83,9 @@ def test_writes_exactly_the_two_graph_files(
     assert result.precision == precision and result.target == target
     assert result.method and result.seconds > 0
     assert result.details["seconds"] >= 0
-    if target == "orin" or precision == "fp16":
-        # cpu int graphs hold ONNX Runtime's SimplifiedLayerNormalization, which ORT registers in
-        # the ONNX domain, so the onnx checker does not know it; ORT loads them (tested below).
+    if target == "orin":
+        # cpu graphs hold ONNX Runtime's SimplifiedLayerNormalization, which ORT registers in the
+        # ONNX domain, so the onnx checker does not know it; ORT loads them (tested below).
         onnx.checker.check_model(str(result.onnx_path))
 
 
@@ -95,40 +96,23 @@ def test_onnxruntime_cpu_runs_prefill_and_decode(
     precision: str,
     target: str,
 ) -> None:
-    session = ort.InferenceSession(
-        str(quantized[(precision, target)].onnx_path), providers=["CPUExecutionProvider"]
+    backend = OnnxRuntimeBackend(
+        quantized[(precision, target)].onnx_path,
+        max_seq_len=64,
+        providers=["CPUExecutionProvider"],
     )
-    inputs = {i.name: i for i in session.get_inputs()}
-    kv_type = inputs["past_key_values.0.key"].type
-    kv_dtype = np.float16 if kv_type == "tensor(float16)" else np.float32
-    heads, head_dim, layers = tiny_dims["kv_heads"], tiny_dims["head_dim"], tiny_dims["layers"]
-    past = {n: np.zeros((1, heads, 0, head_dim), kv_dtype) for n in inputs if n.startswith("past_")}
-    names = [o.name for o in session.get_outputs()]
-
-    def step(ids: list[int], start: int) -> dict[str, np.ndarray[Any, Any]]:
-        n = len(ids)
-        feed = {
-            "input_ids": np.array([ids], np.int64),
-            "attention_mask": np.ones((1, start + n), np.int64),
-            "position_ids": np.arange(start, start + n, dtype=np.int64)[None],
-            **past,
-        }
-        out = dict(zip(names, session.run(None, feed), strict=True))
-        for p in past:
-            past[p] = out[p.replace("past_key_values.", "present.")]
-        return out
-
-    prefill = step([1, 415, 2114, 314], 0)
-    assert prefill["logits"].shape == (1, 4, tiny_dims["vocab"])
-    assert prefill["logits"].dtype == np.float32
-    assert np.isfinite(prefill["logits"]).all()
-    decode = step([29], 4)
-    assert decode["logits"].shape == (1, 1, tiny_dims["vocab"])
-    for i in range(layers):
-        for kind in ("key", "value"):
-            present = decode[f"present.{i}.{kind}"]
-            assert present.shape == (1, heads, 5, head_dim)
-            assert present.dtype == kv_dtype
+    # cpu graphs keep the KV cache in buffers shared by past and present (GroupQueryAttention);
+    # the orin graphs keep the past/present contract TensorRT's profiles are written for.
+    assert backend.shared_kv == (target == "cpu")
+    state = backend.new_state(1)
+    prefill = backend.prefill(state, np.array([[1, 415, 2114, 314]]), all_positions=True)
+    assert prefill.shape == (1, 4, tiny_dims["vocab"])
+    assert prefill.dtype == np.float32
+    assert np.isfinite(prefill).all()
+    decode = backend.decode(state, np.array([29]))
+    assert decode.shape == (1, tiny_dims["vocab"])
+    assert np.isfinite(decode).all()
+    assert state.length == 5
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])

@@ -1,0 +1,128 @@
+"""The CPU graph's attention on shared KV buffers (GroupQueryAttention) computes what the exported
+graph computes: alone, across buffer growth, and in batches whose rows have different lengths,
+join at different steps and leave early."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from agent.backends.onnxruntime_backend import OnnxRuntimeBackend
+from build_engine.onnx_export import ExportResult
+from build_engine.quantize.common import load_model, save_model
+from build_engine.quantize.cpu import cpu_graph
+from build_engine.quantize.cpu_attention import use_group_query_attention
+
+CPU = ["CPUExecutionProvider"]
+TOLERANCE = 1e-4  # fp32 arithmetic in a different order
+FORCED = 20  # decode steps per row, on fixed tokens (a random tiny model's argmax can tie)
+
+
+@pytest.fixture(scope="module")
+def rewritten(
+    tiny_export: ExportResult, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
+    model, _head, details = cpu_graph(tiny_export.onnx_path)
+    out = tmp_path_factory.mktemp("cpu-graph")
+    save_model(model, out)
+    return out / "model.onnx", details
+
+
+def _backend(path: Path) -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(path, max_seq_len=512, providers=CPU)
+
+
+def _tokens(seed: int, count: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(5, 49_000, size=count, dtype=np.int64)
+
+
+def test_every_layer_gets_group_query_attention(
+    rewritten: tuple[Path, dict[str, Any]], tiny_dims: dict[str, int]
+) -> None:
+    path, details = rewritten
+    assert details["attention"]["applied"] is True, details["attention"]
+    assert details["attention"]["packed_qkv"] is True  # fed the merged q|k|v, no Split
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["GroupQueryAttention"] == tiny_dims["layers"]
+    assert ops["RotaryEmbedding"] == 0 and ops["Softmax"] == 0
+    inputs = {i.name for i in graph.input}
+    assert {"seqlens_k", "total_sequence_length", "logits_start"} <= inputs
+    assert not {"attention_mask", "position_ids"} & inputs
+    past_readers = [n for n in graph.node if any(i.startswith("past_") for i in n.input)]
+    assert {n.op_type for n in past_readers} == {"GroupQueryAttention"}
+
+
+def test_same_logits_as_the_exported_graph(
+    rewritten: tuple[Path, dict[str, Any]], tiny_export: ExportResult
+) -> None:
+    reference, candidate = _backend(tiny_export.onnx_path), _backend(rewritten[0])
+    assert candidate.shared_kv and not reference.shared_kv
+    prompt = _tokens(1, 70)[None, :]  # past the first 64-token buffer: the buffers grow
+    ref_state, state = reference.new_state(1), candidate.new_state(1)
+    expected = reference.prefill(ref_state, prompt, all_positions=True)
+    got_all = candidate.prefill(state, prompt, all_positions=True)
+    assert got_all.shape == expected.shape == (1, 70, 49152)
+    assert np.abs(got_all - expected).max() < TOLERANCE
+    # The lm_head for the last position only gives that position's logits.
+    last = candidate.prefill(candidate.new_state(1), prompt)
+    assert last.shape == (1, 49152)
+    assert np.abs(last[0] - expected[0, -1]).max() < TOLERANCE
+    for token in _tokens(2, 70):  # decode through a second buffer growth (128 tokens)
+        want = reference.decode(ref_state, np.array([token]))
+        got = candidate.decode(state, np.array([token]))
+        assert np.abs(got - want).max() < TOLERANCE
+    assert state.length == 140 and state.capacity >= 140
+
+
+def test_rows_of_different_lengths_batch_without_padding(
+    rewritten: tuple[Path, dict[str, Any]],
+) -> None:
+    backend = _backend(rewritten[0])
+    prompts = [_tokens(10, 5), _tokens(11, 40), _tokens(12, 90)]
+    forced = [_tokens(20 + r, FORCED) for r in range(3)]
+    alone = []
+    for prompt, tokens in zip(prompts, forced, strict=True):
+        state = backend.new_state(1)
+        steps = [backend.prefill(state, prompt[None, :])[0]]
+        steps += [backend.decode(state, np.array([t]))[0] for t in tokens[:-1]]
+        alone.append(steps)
+
+    join_at = {0: 0, 1: 3, 2: 7}  # global step at which each row's prompt is prefilled
+    rows: list[int] = []
+    done = {r: 0 for r in range(3)}  # logits rows checked so far
+    state: Any = None
+    for step in range(60):
+        for r, at in join_at.items():
+            if at == step:
+                own = backend.new_state(1)
+                logits = backend.prefill(own, prompts[r][None, :])
+                assert np.abs(logits[0] - alone[r][0]).max() < TOLERANCE
+                done[r] = 1
+                state = own if state is None else backend.concat([state, own])
+                rows.append(r)
+        if not rows:
+            break
+        logits = backend.decode(state, np.array([forced[r][done[r] - 1] for r in rows]))
+        for i, r in enumerate(rows):
+            assert np.abs(logits[i] - alone[r][done[r]]).max() < TOLERANCE, (r, done[r])
+            done[r] += 1
+        keep = [i for i, r in enumerate(rows) if done[r] < FORCED]
+        if len(keep) < len(rows):  # finished rows leave; the others keep their caches
+            rows = [rows[i] for i in keep]
+            state = backend.select(state, keep) if keep else None
+    assert done == {0: FORCED, 1: FORCED, 2: FORCED}
+
+
+def test_a_graph_it_does_not_know_is_left_as_it_was(tiny_export: ExportResult) -> None:
+    model = load_model(tiny_export.onnx_path)  # not fused: no RotaryEmbedding to start from
+    before = model.SerializeToString()
+    result = use_group_query_attention(model)
+    assert result["applied"] is False
+    assert "RotaryEmbedding" in result["reason"]
+    assert model.SerializeToString() == before
