@@ -2,8 +2,14 @@
 
 After a crash, a power cut or a reboot the agent re-runs what was accepted but never answered
 (`unfinished()`), and a repeated job id is answered from the stored result for `retention_s`
-(`stored_answer()`), never recomputed. SQLite in WAL mode with `synchronous=FULL`: a commit is on
-the disk when it returns, which is the whole point of writing `accepted` before saying it.
+(`stored_answer()`), never recomputed. SQLite in WAL mode. `accepted` is written with
+`synchronous=FULL`: the commit is on the disk when it returns, which is the whole point of writing
+it before saying it. `started` and the answer are written without the fsync (`synchronous=NORMAL`):
+they survive a crash or a kill of the agent at once (the WAL is in the kernel's page cache, and a
+poison job that kills the process is what the attempt count is for), and the next `accepted`
+commit syncs them; only a power cut in between can lose them, and then the job runs once more
+after the reboot and is answered again: never lost. That saves two fsyncs (~0.8 ms here, more on
+eMMC) on the way from a job to its first token and from its last token to the answer.
 
 Failures are never silent. A full disk or a damaged file raises `JournalError` with a message that
 says what to do; a damaged file found at open is moved aside (kept for inspection) and a new
@@ -140,7 +146,7 @@ class JobJournal:
             )
 
     def record_started(self, job_id: str) -> None:
-        with self._write("record the job's start"):
+        with self._write("record the job's start", durable=False):
             self._db.execute(
                 """UPDATE jobs SET state = 'started', started_at = ?, attempts = attempts + 1
                    WHERE job_id = ? AND answered_at IS NULL""",
@@ -280,9 +286,12 @@ class JobJournal:
         return recovered
 
     @contextmanager
-    def _write(self, what: str) -> Iterator[None]:
+    def _write(self, what: str, durable: bool = True) -> Iterator[None]:
+        """One transaction; `durable=False` commits without waiting for the disk (see above)."""
         with self._lock:
             try:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield
@@ -291,6 +300,9 @@ class JobJournal:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
                     raise
+                finally:
+                    if not durable:
+                        self._db.execute("PRAGMA synchronous=FULL")
             except sqlite3.Error as exc:
                 raise self._translate(exc, what) from exc
 
@@ -324,7 +336,7 @@ class JobJournal:
 
     def _answer(self, job_id: str, state: JobState, event: dict[str, Any]) -> None:
         now = time.time()
-        with self._write(f"record the job's {state} answer"):
+        with self._write(f"record the job's {state} answer", durable=False):
             # A job answered without being journaled first (refused at the door, cancelled while
             # queued before the journal existed) still gets its answer stored for repeats.
             self._db.execute(
