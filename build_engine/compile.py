@@ -30,6 +30,7 @@ from build_engine import __version__
 from build_engine.bundle_writer import TOKENIZER_FILES, publish_bundle, write_json
 from build_engine.errors import BuildError
 from build_engine.progress import Progress, Steps
+from build_engine.quantize.cpu_attention import has_cpu_attention
 from build_engine.tensorrt import require_tensorrt
 
 TIMING_CACHE_NAME = "tensorrt-timing.cache"
@@ -168,6 +169,13 @@ def open_source_bundle(bundle_dir: Path) -> Bundle:
             "(edge-build export --target orin)",
         )
     exported_for = (manifest.raw.get("build") or {}).get("target", "cpu")
+    if manifest.precision == "fp32" and has_cpu_attention(bundle.path / ONNX_MODEL_FILE):
+        raise BuildError(
+            "wrong_target",
+            f"{bundle_dir} is an fp32 bundle exported for the cpu (ONNX Runtime's CPU attention "
+            "operators, which TensorRT cannot build); export it for TensorRT with `edge-build "
+            "export ... --target orin`",
+        )
     if manifest.precision != "fp32" and exported_for != "orin":
         raise BuildError(
             "wrong_target",

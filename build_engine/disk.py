@@ -28,11 +28,12 @@ MARGIN = 256 << 20  # graph, tokenizer, golden file, report, the largest tensor 
 SIZE_VS_FP32 = {"fp32": 1.0, "fp16": 0.5, "int8": 0.3, "int4": 0.2}
 
 
-def export_need(fp32_weight_bytes: int, precision: str) -> int:
-    """Bytes an export to `precision` writes at its peak: the fp32 reference, plus the quantized
-    bundle when one is asked for (the fp32 ONNX is copied tensor by tensor with the source
-    deleted behind it, so it counts once)."""
-    extra = SIZE_VS_FP32.get(precision, 1.0) if precision != "fp32" else 0.0
+def export_need(fp32_weight_bytes: int, precision: str, target: str = "orin") -> int:
+    """Bytes an export to `precision` writes at its peak: the fp32 reference, plus the bundle
+    derived from it when one is asked for (quantized, or the fp32 cpu graph; the fp32 ONNX is
+    copied tensor by tensor with the source deleted behind it, so it counts once)."""
+    derived = precision != "fp32" or target == "cpu"
+    extra = SIZE_VS_FP32.get(precision, 1.0) if derived else 0.0
     return int(fp32_weight_bytes * (1.0 + extra)) + MARGIN
 
 

@@ -1,9 +1,13 @@
 """`edge-build export`: model -> fp32 ONNX with KV cache -> parity check -> (quantize -> accuracy
 gate) -> golden canaries -> bundle.
 
-The fp32 bundle is always built first (or taken from `--from-bundle`): it is the reference every
-quantized build is measured against. Each step reports progress; every failure a user can fix is a
-BuildError with a code. Nothing appears at `--out` until the whole bundle is complete.
+The fp32 export is always built first (or taken from `--from-bundle`): it is the reference every
+other build is measured against. Its graph is the portable one (standard ONNX operators, the
+past/present KV contract): what `--target orin` bundles and TensorRT start from. Every `--target
+cpu` bundle, fp32 included, is derived from it (ONNX Runtime's fused CPU operators, attention on
+shared KV buffers) and passes the accuracy gate against it. Each step reports progress; every
+failure a user can fix is a BuildError with a code. Nothing appears at `--out` until the whole
+bundle is complete.
 """
 
 from __future__ import annotations
@@ -61,8 +65,8 @@ def export_bundle(options: ExportOptions, progress: Progress) -> dict[str, Any]:
         raise BuildError("bad_arguments", "give exactly one of --model or --from-bundle")
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    quantized = options.precision != "fp32"
-    steps = Steps(progress, total=(1 if options.from_bundle else 6) + (4 if quantized else 1))
+    derived = _derives(options)
+    steps = Steps(progress, total=(1 if options.from_bundle else 6) + (4 if derived else 1))
 
     try:
         manifest = _build_in_scratch(options, out, steps, progress, started)
@@ -79,11 +83,12 @@ def _build_in_scratch(
     options: ExportOptions, out: Path, steps: Steps, progress: Progress, started: float
 ) -> dict[str, Any]:
     """Every step, in a scratch folder next to `out` that is removed whatever happens."""
-    quantized = options.precision != "fp32"
+    derived = _derives(options)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         if options.from_bundle is not None:
             steps("verifying the fp32 reference bundle")
             reference = _open_reference(options.from_bundle)
+            _check_reference_for(reference, options.target)
             reference_bytes = sum(f.stat().st_size for f in reference.iterdir() if f.is_file())
             require_free_space(
                 Path(tmp),
@@ -95,9 +100,9 @@ def _build_in_scratch(
             reference_dir = Path(tmp) / "fp32"
             _build_reference(options, options.model, reference_dir, Path(tmp), steps, progress)
             reference = open_bundle(reference_dir).path
-        if quantized:
+        if derived:
             staging = Path(tmp) / "bundle"
-            manifest = _build_quantized(options, reference, staging, out, steps, progress, started)
+            manifest = _build_derived(options, reference, staging, out, steps, progress, started)
         elif options.from_bundle is None:
             staging = reference
             manifest = open_bundle(staging).manifest.raw
@@ -132,7 +137,7 @@ def _build_reference(
     fp32_bytes = export_disk_bytes(model)
     require_free_space(
         scratch,
-        export_need(fp32_bytes, options.precision),
+        export_need(fp32_bytes, options.precision, options.target),
         f"exporting {source.display_name} ({fp32_bytes / 2**30:.1f} GiB in fp32)"
         + ("" if options.precision == "fp32" else f" and quantizing it to {options.precision}"),
     )
@@ -185,6 +190,24 @@ def _build_reference(
     progress(f"fp32 canary {canaries[0].canary.name!r}: {canaries[0].text!r}")
 
 
+def _derives(options: ExportOptions) -> bool:
+    """Whether the bundle is made from the fp32 reference (quantized, or the cpu graph), rather
+    than being the reference itself."""
+    if options.precision != "fp32":
+        return True
+    if options.target != "cpu":
+        return False
+    # An fp32 bundle built for cpu already holds the cpu graph: rebuilding it is a copy.
+    return options.from_bundle is None or not _holds_cpu_graph(options.from_bundle)
+
+
+def _holds_cpu_graph(bundle_dir: Path) -> bool:
+    from build_engine.quantize.cpu_attention import has_cpu_attention
+
+    graph = bundle_dir / ONNX_MODEL_FILE
+    return graph.is_file() and has_cpu_attention(graph)
+
+
 def _open_reference(path: Path) -> Path:
     try:
         bundle = open_bundle(path)
@@ -196,6 +219,16 @@ def _open_reference(path: Path) -> Path:
             f"--from-bundle {path} is {bundle.manifest.precision}; quantize from the fp32 bundle",
         )
     return bundle.path
+
+
+def _check_reference_for(reference: Path, target: str) -> None:
+    if target == "orin" and _holds_cpu_graph(reference):
+        raise BuildError(
+            "bad_reference",
+            f"--from-bundle {reference} was built for --target cpu: its graph uses ONNX Runtime's "
+            "CPU operators, which TensorRT cannot build; start from an fp32 bundle exported with "
+            "--target orin, or from --model",
+        )
 
 
 def _copy(reference: Path, scratch: Path) -> Path:
@@ -221,10 +254,10 @@ def _finish_fp32(
     )
 
 
-# --- quantized bundles ---------------------------------------------------------------------------
+# --- bundles derived from the reference: quantized, or the fp32 cpu graph ---------------------
 
 
-def _build_quantized(
+def _build_derived(
     options: ExportOptions,
     reference: Path,
     staging: Path,
@@ -244,7 +277,9 @@ def _build_quantized(
     staging.mkdir()
     calibration = load_text_samples(options.calibration, codec)
     steps(
-        f"quantizing to {options.precision} for {options.target} "
+        f"building the fp32 graph for {options.target}"
+        if options.precision == "fp32"
+        else f"quantizing to {options.precision} for {options.target} "
         f"({len(calibration)} calibration samples)"
     )
     result = quantize(
@@ -293,7 +328,11 @@ def _build_quantized(
         ref_manifest,
         options,
         precision=options.precision,
-        quality={"reference": f"{ref_manifest.name} {ref_manifest.version} fp32", **gate.to_dict()},
+        quality={
+            "reference": f"{ref_manifest.name} {ref_manifest.version} fp32",
+            **_parity_of(ref_manifest),
+            **gate.to_dict(),
+        },
         build={
             "tool": f"edge-build {__version__}",
             "target": options.target,
@@ -307,6 +346,12 @@ def _build_quantized(
 
 
 # --- shared steps --------------------------------------------------------------------------------
+
+
+def _parity_of(reference: Manifest) -> dict[str, Any]:
+    """The reference's check against PyTorch, carried into bundles derived from it."""
+    parity = reference.quality.get("parity") or reference.quality.get("reference_parity")
+    return {"reference_parity": parity} if parity else {}
 
 
 def _record_golden(

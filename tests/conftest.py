@@ -106,32 +106,41 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     b.stop()
 
 
+def _export_default_model(out: Path, *args: str) -> Path:
+    result = subprocess.run(
+        [sys.executable, "-m", "build_engine", "export", "--model", "smollm2-135m", *args,
+         "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, f"edge-build export failed:\n{result.stderr[-4000:]}"
+    return out
+
+
 @pytest.fixture(scope="session")
 def default_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real SmolLM2-135M-Instruct bundle, built once per session with `edge-build export`.
+    """The real SmolLM2-135M-Instruct bundle (fp32, for the cpu: ONNX Runtime's CPU graph), built
+    once per session with `edge-build export`, as `make demo` does.
 
     EDGE_TEST_BUNDLE may point at an already-built bundle to skip the export locally."""
     preset = os.environ.get("EDGE_TEST_BUNDLE")
     if preset:
         return Path(preset)
-    out = tmp_path_factory.mktemp("bundles") / "smollm2-135m"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "build_engine",
-            "export",
-            "--model",
-            "smollm2-135m",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, f"edge-build export failed:\n{result.stderr[-4000:]}"
-    return out
+    return _export_default_model(tmp_path_factory.mktemp("bundles") / "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def orin_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model exported fp32 for --target orin: the portable graph (standard operators,
+    past/present KV) that TensorRT builds and the orin bundles are quantized from.
+
+    EDGE_TEST_ORIN_BUNDLE may point at an already-built one."""
+    preset = os.environ.get("EDGE_TEST_ORIN_BUNDLE")
+    if preset:
+        return Path(preset)
+    out = tmp_path_factory.mktemp("bundles") / "smollm2-135m-orin"
+    return _export_default_model(out, "--target", "orin")
 
 
 # --- an MQTT test client ----------------------------------------------------------------------

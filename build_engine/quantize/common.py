@@ -29,7 +29,7 @@ from build_engine.errors import BuildError
 if TYPE_CHECKING:
     import onnx
 
-Precision = Literal["fp16", "int8", "int4"]
+Precision = Literal["fp32", "fp16", "int8", "int4"]
 Target = Literal["cpu", "orin"]
 Progress = Callable[[str], None]
 
@@ -70,13 +70,24 @@ def quantize(
 ) -> QuantResult:
     """Quantize the fp32 decoder `src_onnx` into `out_dir` (exactly model.onnx + model.onnx.data).
 
+    fp32 for cpu is not a quantization but the same rewrite every cpu graph gets (fused
+    operators, attention on shared KV buffers) with the weights left as they are.
+
     `calibration` holds token-id sequences of real text; only the paths that calibrate
     activations (orin int8) use them, the others ignore them.
     """
-    if precision not in ("fp16", "int8", "int4"):
-        raise BuildError("bad_precision", f"cannot quantize to {precision!r}: fp16, int8 or int4")
+    if precision not in ("fp32", "fp16", "int8", "int4"):
+        raise BuildError(
+            "bad_precision", f"cannot quantize to {precision!r}: fp32, fp16, int8 or int4"
+        )
     if target not in ("cpu", "orin"):
         raise BuildError("bad_target", f"unknown target {target!r}: cpu or orin")
+    if precision == "fp32" and target == "orin":
+        raise BuildError(
+            "bad_precision",
+            "the fp32 graph for orin is the exported reference itself (edge-build export "
+            "--target orin --precision fp32); there is nothing to quantize",
+        )
     if not src_onnx.is_file():
         raise BuildError("missing_model", f"no ONNX graph at {src_onnx}")
     started = time.perf_counter()

@@ -38,7 +38,7 @@ from build_engine.quantize.common import (
     load_model,
     save_model,
 )
-from build_engine.quantize.cpu_attention import use_group_query_attention
+from build_engine.quantize.cpu_attention import has_cpu_attention, use_group_query_attention
 from build_engine.quantize.fuse_linear import fuse_parallel_matmuls
 from build_engine.quantize.logits_slice import slice_logits_input
 
@@ -65,6 +65,8 @@ def quantize_cpu(
 ) -> tuple[str, dict[str, Any]]:
     """Write the cpu graph for `precision` into `staging`; return (method, details)."""
     del calibration  # dynamic int8 and weight-only int4 need no activation statistics
+    if precision == "fp32":
+        return _fp32_graph(src_onnx, staging, progress)
     if precision == "fp16":
         return _fp16_storage(src_onnx, staging, progress)
     if precision == "int8":
@@ -140,7 +142,12 @@ def _nbits(
 
 def cpu_graph(src: Path) -> tuple[onnx.ModelProto, TiedHead, dict[str, Any]]:
     """The fp32 graph every cpu precision starts from: RoPE/RMSNorm fused, q|k|v and gate|up
-    merged, attention on shared KV buffers, the lm_head run for the wanted positions only."""
+    merged, attention on shared KV buffers, the lm_head run for the wanted positions only.
+
+    An fp32 bundle built for cpu already holds this graph: it is taken as it is."""
+    if has_cpu_attention(src):
+        model = load_model(src)
+        return model, find_lm_head(model), {"graph": "the reference's own cpu graph, unchanged"}
     model, fusion = fuse_for_cpu(src)
     head = find_lm_head(model)
     merged = fuse_parallel_matmuls(model)  # after find_lm_head: the lm_head is never merged
@@ -202,6 +209,13 @@ def fuse_for_cpu(src: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
         "before": len(structure.graph.node),
         "after": len(fused.graph.node),
     }
+
+
+def _fp32_graph(src: Path, staging: Path, progress: Progress) -> tuple[str, dict[str, Any]]:
+    progress("cpu fp32: fused operators and attention on shared KV buffers, weights unchanged")
+    model, _head, graph_details = cpu_graph(src)
+    save_model(model, staging)
+    return "fp32 weights, ONNX Runtime CPU graph", graph_details
 
 
 def _fp16_storage(src: Path, staging: Path, progress: Progress) -> tuple[str, dict[str, Any]]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from build_engine.shape_simplify import remove_unused_nodes
@@ -37,6 +38,15 @@ if TYPE_CHECKING:
 SEQLENS_INPUT = "seqlens_k"  # [batch] int32: tokens in each row's cache after this step, minus 1
 TOTAL_INPUT = "total_sequence_length"  # [] int32: the longest row after this step
 CAPACITY_DIM = "kv_capacity"  # the shared buffer's sequence axis, chosen by the backend
+
+
+def has_cpu_attention(onnx_path: Path) -> bool:
+    """Whether the graph at `onnx_path` already runs attention on shared KV buffers (so it is a
+    cpu graph: ONNX Runtime contrib operators that TensorRT cannot build)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(i.name == SEQLENS_INPUT for i in graph.input)
 
 
 class NoMatch(Exception):

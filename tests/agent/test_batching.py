@@ -3,8 +3,6 @@ running batch and leaving it at different steps."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from agent.batching import BatchGenerator
@@ -20,9 +18,14 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model(default_bundle: Path) -> LoadedModel:
-    return load_model(default_bundle)
+@pytest.fixture(scope="module", params=["shared-kv", "past-present"])
+def model(request: pytest.FixtureRequest) -> LoadedModel:
+    """Both KV contracts: the cpu graph (shared buffers, rows of their own lengths) and the
+    portable graph (past/present, rows left-padded), which ONNX Runtime runs on a GPU too."""
+    bundle = "default_bundle" if request.param == "shared-kv" else "orin_reference"
+    loaded = load_model(request.getfixturevalue(bundle))
+    assert getattr(loaded.backend, "shared_kv", None) is (request.param == "shared-kv")
+    return loaded
 
 
 def requests(model: LoadedModel) -> list[GenerationRequest]:

@@ -80,9 +80,9 @@ def test_profiles_refuse_what_they_cannot_shape() -> None:
 
 
 @pytest.fixture(scope="module")
-def engine_factory(default_bundle: Path) -> Any:
+def engine_factory(orin_reference: Path) -> Any:
     def make(limits: ProfileLimits = LIMITS) -> OrtSeamEngine:
-        return OrtSeamEngine(default_bundle / "model.onnx", limits)
+        return OrtSeamEngine(orin_reference / "model.onnx", limits)
 
     return make
 
@@ -160,23 +160,23 @@ def backend(engine_factory: Any) -> Iterator[TensorRTBackend]:
 
 
 @pytest.fixture(scope="module")
-def codec(default_bundle: Path) -> TextCodec:
-    manifest = open_bundle(default_bundle).manifest
-    return TextCodec(default_bundle, eos_token_ids=manifest.tokenizer["eos_token_ids"])
+def codec(orin_reference: Path) -> TextCodec:
+    manifest = open_bundle(orin_reference).manifest
+    return TextCodec(orin_reference, eos_token_ids=manifest.tokenizer["eos_token_ids"])
 
 
 def test_backend_reproduces_the_bundles_golden_tokens(
-    backend: TensorRTBackend, codec: TextCodec, default_bundle: Path
+    backend: TensorRTBackend, codec: TextCodec, orin_reference: Path
 ) -> None:
     assert backend.info.name == "onnxruntime-seam"  # never passes itself off as TensorRT
     assert backend.info.max_seq_len == 256 and backend.info.vocab_size == 49152
-    assert check_golden(default_bundle, backend, codec) == []
+    assert check_golden(orin_reference, backend, codec) == []
 
 
 def test_logits_match_the_onnxruntime_backend(
-    backend: TensorRTBackend, codec: TextCodec, default_bundle: Path
+    backend: TensorRTBackend, codec: TextCodec, orin_reference: Path
 ) -> None:
-    reference = OnnxRuntimeBackend(default_bundle / "model.onnx", max_seq_len=256)
+    reference = OnnxRuntimeBackend(orin_reference / "model.onnx", max_seq_len=256)
     ids = np.asarray([codec.encode_prompt("The three states of water are")])
     ours, theirs = backend.new_state(1), reference.new_state(1)
     np.testing.assert_array_equal(backend.prefill(ours, ids), reference.prefill(theirs, ids))
@@ -202,9 +202,9 @@ def test_batch_of_two_identical_prompts_gives_identical_rows(
 
 
 def test_long_prompts_are_prefilled_in_chunks(
-    engine_factory: Any, codec: TextCodec, default_bundle: Path
+    engine_factory: Any, codec: TextCodec, orin_reference: Path
 ) -> None:
-    canary, prompt_ids, expected = read_golden(default_bundle)[0]
+    canary, prompt_ids, expected = read_golden(orin_reference)[0]
     assert len(prompt_ids) > 16
     with TensorRTBackend(engine_factory(ProfileLimits(1, 16, 256))) as chunked:
         result = generate(chunked, codec, GenerationRequest(prompt_ids, canary.max_new_tokens))
@@ -318,7 +318,7 @@ def test_state_errors_say_what_is_wrong(backend: TensorRTBackend, codec: TextCod
 
 
 @pytest.mark.gpu
-def test_tensorrt_engine_answers_like_the_onnx_bundle(default_bundle: Path, tmp_path: Path) -> None:
+def test_tensorrt_engine_answers_like_the_onnx_bundle(orin_reference: Path, tmp_path: Path) -> None:
     pytest.importorskip(
         "tensorrt", reason="needs TensorRT and an NVIDIA GPU (Jetson); not available on this CPU "
         "machine"
@@ -327,9 +327,9 @@ def test_tensorrt_engine_answers_like_the_onnx_bundle(default_bundle: Path, tmp_
     from build_engine.compile import CompileOptions, compile_bundle
 
     out = tmp_path / "engine"
-    compile_bundle(default_bundle, out, CompileOptions(max_batch=2, max_prefill=64,
+    compile_bundle(orin_reference, out, CompileOptions(max_batch=2, max_prefill=64,
                    max_context=256, opt_level=1), progress=print)  # fmt: skip
-    manifest = open_bundle(default_bundle).manifest
+    manifest = open_bundle(orin_reference).manifest
     codec = TextCodec(out, eos_token_ids=manifest.tokenizer["eos_token_ids"])
     with TensorRTBackend(TensorRTEngine.from_file(out / "engine.plan")) as trt_backend:
         assert trt_backend.info.name == "tensorrt"
@@ -338,6 +338,6 @@ def test_tensorrt_engine_answers_like_the_onnx_bundle(default_bundle: Path, tmp_
         state = trt_backend.new_state(2)
         logits = trt_backend.prefill(state, np.asarray([prompt, prompt]))
         np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-5)
-        reference = OnnxRuntimeBackend(default_bundle / "model.onnx", max_seq_len=256)
+        reference = OnnxRuntimeBackend(orin_reference / "model.onnx", max_seq_len=256)
         expected = reference.prefill(reference.new_state(1), np.asarray([prompt]))
         assert logits[0].argmax() == expected[0].argmax()  # fp32 (or TF32) vs ONNX Runtime

@@ -54,9 +54,9 @@ def test_flags_and_their_defaults(tmp_path: Path) -> None:
 
 
 @no_tensorrt_here
-def test_without_tensorrt_compile_says_what_is_needed(default_bundle: Path, tmp_path: Path) -> None:
+def test_without_tensorrt_compile_says_what_is_needed(orin_reference: Path, tmp_path: Path) -> None:
     with pytest.raises(BuildError) as info:
-        compile_bundle(default_bundle, tmp_path / "engine", CompileOptions(), progress=print)
+        compile_bundle(orin_reference, tmp_path / "engine", CompileOptions(), progress=print)
     assert info.value.code == "tensorrt_missing"
     assert "python3-libnvinfer" in info.value.message and "Jetson" in info.value.message
     assert "--system-site-packages" in info.value.message
@@ -64,29 +64,29 @@ def test_without_tensorrt_compile_says_what_is_needed(default_bundle: Path, tmp_
 
 
 @no_tensorrt_here
-def test_compile_from_args_without_tensorrt(default_bundle: Path, tmp_path: Path) -> None:
-    args = parse(str(default_bundle), "--out", str(tmp_path / "engine"))
+def test_compile_from_args_without_tensorrt(orin_reference: Path, tmp_path: Path) -> None:
+    args = parse(str(orin_reference), "--out", str(tmp_path / "engine"))
     with pytest.raises(BuildError, match="needs TensorRT and an NVIDIA GPU"):
         compile_from_args(args, progress=print)
 
 
 @no_tensorrt_here
 def test_edge_build_compile_exits_2_without_a_traceback(
-    default_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    orin_reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     verbs = next(
         a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
     )
     if "compile" not in verbs.choices:
         pytest.skip("`edge-build compile` is not wired into build_engine/cli.py yet")
-    code = cli.main(["compile", str(default_bundle), "--out", str(tmp_path / "engine")])
+    code = cli.main(["compile", str(orin_reference), "--out", str(tmp_path / "engine")])
     err = capsys.readouterr().err
     assert code == 2
     assert "[tensorrt_missing]" in err and "Traceback" not in err
 
 
-def test_limits_come_from_the_bundle_and_the_flags(default_bundle: Path) -> None:
-    manifest = open_bundle(default_bundle).manifest
+def test_limits_come_from_the_bundle_and_the_flags(orin_reference: Path) -> None:
+    manifest = open_bundle(orin_reference).manifest
     assert manifest.arch.max_seq_len == 8192
     defaults = resolve_limits(manifest, CompileOptions())
     assert (defaults.max_batch, defaults.max_prefill, defaults.max_context) == (4, 512, 4096)
@@ -109,15 +109,18 @@ def copy_with_manifest(bundle: Path, root: Path, **changes: object) -> Path:
 
 
 def test_only_onnx_bundles_made_for_tensorrt_are_compiled(
-    default_bundle: Path, tmp_path: Path
+    orin_reference: Path, default_bundle: Path, tmp_path: Path
 ) -> None:
-    assert open_source_bundle(default_bundle).manifest.precision == "fp32"  # fp32 from any target
-    cpu_int8 = copy_with_manifest(default_bundle, tmp_path / "int8", precision="int8",
+    assert open_source_bundle(orin_reference).manifest.precision == "fp32"
+    with pytest.raises(BuildError, match="exported for the cpu") as info:
+        open_source_bundle(default_bundle)  # fp32 too, but ONNX Runtime's CPU graph
+    assert info.value.code == "wrong_target"
+    cpu_int8 = copy_with_manifest(orin_reference, tmp_path / "int8", precision="int8",
                                   build={"target": "cpu"})  # fmt: skip
     with pytest.raises(BuildError, match="--target orin --precision int8") as info:
         open_source_bundle(cpu_int8)
     assert info.value.code == "wrong_target"
-    engine = copy_with_manifest(default_bundle, tmp_path / "engine", backend="tensorrt")
+    engine = copy_with_manifest(orin_reference, tmp_path / "engine", backend="tensorrt")
     with pytest.raises(BuildError, match="is a tensorrt bundle"):
         open_source_bundle(engine)
     with pytest.raises(BuildError) as info:
@@ -150,8 +153,8 @@ def test_every_parser_error_is_reported(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_compile_the_default_bundle_and_replay_its_golden(
-    default_bundle: Path, tmp_path: Path
+def test_compile_the_orin_reference_and_replay_its_golden(
+    orin_reference: Path, tmp_path: Path
 ) -> None:
     pytest.importorskip(
         "tensorrt", reason="needs TensorRT and an NVIDIA GPU (Jetson); not available on this CPU "
@@ -163,7 +166,7 @@ def test_compile_the_default_bundle_and_replay_its_golden(
     lines: list[str] = []
     out = tmp_path / "engines" / "smollm2-135m-trt"
     options = CompileOptions(max_batch=2, max_prefill=128, max_context=512, opt_level=1)
-    manifest = compile_bundle(default_bundle, out, options, progress=lines.append)
+    manifest = compile_bundle(orin_reference, out, options, progress=lines.append)
 
     bundle = open_bundle(out)  # every file hashed
     assert set(bundle.manifest.files) >= {"engine.plan", "tokenizer.json", "golden.json"}
@@ -172,7 +175,7 @@ def test_compile_the_default_bundle_and_replay_its_golden(
     target = manifest["target"]
     assert target["compute_capability"] and target["tensorrt"] and target["cuda"]
     assert json.loads((out / "golden.json").read_text())["backend"] == "tensorrt"
-    assert len(read_golden(out)) == len(read_golden(default_bundle))
+    assert len(read_golden(out)) == len(read_golden(orin_reference))
     assert (out.parent / "tensorrt-timing.cache").stat().st_size > 0
 
     model = load_model(out)  # target check, deserialize, TensorRT backend
@@ -183,6 +186,6 @@ def test_compile_the_default_bundle_and_replay_its_golden(
         model.backend.close()
 
     again: list[str] = []
-    compile_bundle(default_bundle, out, CompileOptions(max_batch=2, max_prefill=128,
+    compile_bundle(orin_reference, out, CompileOptions(max_batch=2, max_prefill=128,
                    max_context=512, opt_level=1, force=True), progress=again.append)  # fmt: skip
     assert any("reusing the timing cache" in line for line in again)

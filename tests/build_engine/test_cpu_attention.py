@@ -88,9 +88,9 @@ def test_rows_of_different_lengths_batch_without_padding(
     forced = [_tokens(20 + r, FORCED) for r in range(3)]
     alone = []
     for prompt, tokens in zip(prompts, forced, strict=True):
-        state = backend.new_state(1)
-        steps = [backend.prefill(state, prompt[None, :])[0]]
-        steps += [backend.decode(state, np.array([t]))[0] for t in tokens[:-1]]
+        single = backend.new_state(1)
+        steps = [backend.prefill(single, prompt[None, :])[0]]
+        steps += [backend.decode(single, np.array([t]))[0] for t in tokens[:-1]]
         alone.append(steps)
 
     join_at = {0: 0, 1: 3, 2: 7}  # global step at which each row's prompt is prefilled

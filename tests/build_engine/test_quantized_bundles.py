@@ -31,13 +31,16 @@ def edge_build(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def quantized(
-    default_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+    default_bundle: Path, orin_reference: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[tuple[str, str], Path]:
     root = tmp_path_factory.mktemp("quantized")
     built = {}
+    # Each target from its own fp32 bundle: the cpu one holds ONNX Runtime's CPU graph already,
+    # the orin one the portable graph TensorRT builds.
+    references = {"cpu": default_bundle, "orin": orin_reference}
     for target, precision in COMBINATIONS:
         out = root / f"{target}-{precision}"
-        result = edge_build("--from-bundle", str(default_bundle), "--target", target,
+        result = edge_build("--from-bundle", str(references[target]), "--target", target,
                             "--precision", precision, "--out", str(out))  # fmt: skip
         assert result.returncode == 0, f"{target} {precision}:\n{result.stderr[-3000:]}"
         built[(target, precision)] = out
@@ -60,6 +63,15 @@ def test_bundle_passes_the_gate_and_records_it(
     assert report.is_file() and "top-1" in report.read_text().lower()
     assert bundle.with_name(bundle.name + ".report.svg").is_file()
     assert manifest.raw["build"]["target"] == target
+    assert quality["reference_parity"]["ok"] is True  # the reference's check against PyTorch
+
+
+def test_orin_bundles_are_not_made_from_the_cpu_graph(default_bundle: Path, tmp_path: Path) -> None:
+    result = edge_build("--from-bundle", str(default_bundle), "--target", "orin",
+                        "--precision", "int8", "--out", str(tmp_path / "orin-int8"))  # fmt: skip
+    assert result.returncode == 2
+    assert "[bad_reference]" in result.stderr and "--target orin" in result.stderr
+    assert not (tmp_path / "orin-int8").exists()
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
