@@ -184,6 +184,12 @@ def _ort_loop(
         str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"]
     )
     inputs = {i.name: i for i in session.get_inputs()}
+    if "attention_mask" not in inputs:
+        raise ValueError(
+            f"{ORT_LOOP}={bundle}: this graph has no attention_mask (a --target cpu bundle with "
+            "attention on shared KV buffers); the textbook loop needs the portable graph: an fp32 "
+            "bundle exported with --target orin"
+        )
     pasts = [name for name in inputs if name.startswith("past_key_values.")]
     outputs = [o.name for o in session.get_outputs()]
 

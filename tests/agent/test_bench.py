@@ -81,3 +81,18 @@ def test_bench_peer_problems_are_rows_or_clear_errors(default_bundle: Path, tmp_
     assert "error" in row and ("does not exist" in row or "is not installed" in row), row
     bad = bench("--bundle", str(default_bundle), "--peer", "vllm=model")
     assert bad.returncode == 2 and "--peer" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_the_textbook_loop_over_the_portable_graph(
+    default_bundle: Path, orin_reference: Path
+) -> None:
+    both = bench("--bundle", str(default_bundle), "--runs", "1", "--new-tokens", "4",
+                 "--prompt-tokens", "16", "--json",
+                 "--peer", f"onnxruntime-loop={orin_reference}",
+                 "--peer", f"onnxruntime-loop={default_bundle}")  # fmt: skip
+    assert both.returncode == 1  # one peer row is an error
+    ours, loop, refused = json.loads(both.stdout)["results"]
+    assert loop["prompt_tokens"] == ours["prompt_tokens"] == 16
+    assert loop["decode_tokens_per_s"] > 0 and loop["precision"] == "fp32"
+    # The cpu bundle's graph has no attention mask: the loop says which bundle it needs.
+    assert "--target orin" in refused["error"], refused
