@@ -1,7 +1,9 @@
 """Continuous batching: concurrent jobs decode together in one batch.
 
 A new job is prefilled on its own and joins the running batch at the next step (its KV cache
-left-padded to the batch's length); a finished job leaves at once without stalling the others.
+copied in beside the others: each row keeps its own length on the CPU graph, or is left-padded to
+the batch's length on past/present graphs); a finished job leaves at once without stalling the
+others.
 Each row keeps its own sampling settings, stop strings and stream (`SequenceRun`), so batching
 changes how fast jobs run, not what they answer.
 """

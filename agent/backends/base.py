@@ -60,8 +60,10 @@ class Backend(Protocol[StateT]):
         ...
 
     def concat(self, states: list[StateT]) -> StateT:
-        """One batch holding every row of `states`, in order. Rows of different lengths are
-        left-padded (masked), which is how a new job joins a running batch."""
+        """One batch holding every row of `states`, in order: how a new job joins a running
+        batch. Rows of different lengths keep their own lengths where the graph takes per-row
+        lengths (ONNX Runtime's CPU graph), or are left-padded and masked (past/present graphs,
+        TensorRT)."""
         ...
 
     def select(self, state: StateT, rows: list[int]) -> StateT:
