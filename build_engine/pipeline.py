@@ -289,6 +289,7 @@ def _build_derived(
         target=options.target,  # type: ignore[arg-type]
         calibration=calibration,
         progress=progress,
+        max_positions=ref_manifest.arch.max_seq_len,
     )
     for name in TOKENIZER_FILES:
         if (reference / name).is_file():

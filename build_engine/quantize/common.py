@@ -67,6 +67,7 @@ def quantize(
     target: Target,
     calibration: list[list[int]],
     progress: Progress,
+    max_positions: int = 0,
 ) -> QuantResult:
     """Quantize the fp32 decoder `src_onnx` into `out_dir` (exactly model.onnx + model.onnx.data).
 
@@ -74,7 +75,8 @@ def quantize(
     operators, attention on shared KV buffers) with the weights left as they are.
 
     `calibration` holds token-id sequences of real text; only the paths that calibrate
-    activations (orin int8) use them, the others ignore them.
+    activations (orin int8) use them, the others ignore them. `max_positions` (the bundle's
+    context length) bounds what the cpu graphs store per position.
     """
     if precision not in ("fp32", "fp16", "int8", "int4"):
         raise BuildError(
@@ -99,7 +101,12 @@ def quantize(
             from build_engine.quantize.cpu import quantize_cpu
 
             method, details = quantize_cpu(
-                src_onnx, staging, precision=precision, calibration=calibration, progress=progress
+                src_onnx,
+                staging,
+                precision=precision,
+                calibration=calibration,
+                progress=progress,
+                max_positions=max_positions,
             )
         else:
             from build_engine.quantize.orin import quantize_orin

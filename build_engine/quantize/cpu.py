@@ -38,7 +38,11 @@ from build_engine.quantize.common import (
     load_model,
     save_model,
 )
-from build_engine.quantize.cpu_attention import has_cpu_attention, use_group_query_attention
+from build_engine.quantize.cpu_attention import (
+    has_cpu_attention,
+    trim_rotary_tables,
+    use_group_query_attention,
+)
 from build_engine.quantize.fuse_linear import fuse_parallel_matmuls
 from build_engine.quantize.logits_slice import slice_logits_input
 
@@ -62,38 +66,66 @@ def quantize_cpu(
     precision: Precision,
     calibration: list[list[int]],
     progress: Progress,
+    max_positions: int = 0,
 ) -> tuple[str, dict[str, Any]]:
-    """Write the cpu graph for `precision` into `staging`; return (method, details)."""
+    """Write the cpu graph for `precision` into `staging`; return (method, details).
+
+    `max_positions` (the bundle's context length; 0 = keep all) bounds the rotary tables."""
     del calibration  # dynamic int8 and weight-only int4 need no activation statistics
+    model, head, details = cpu_graph(src_onnx, max_positions)
     if precision == "fp32":
-        return _fp32_graph(src_onnx, staging, progress)
+        return _fp32_graph(model, staging, progress, details)
     if precision == "fp16":
-        return _fp16_storage(src_onnx, staging, progress)
+        return _fp16_storage(model, staging, progress, details)
     if precision == "int8":
-        return _int8_nbits(src_onnx, staging, progress)
-    return _int4_nbits(src_onnx, staging, progress)
+        return _int8_nbits(model, head, staging, progress, details)
+    return _int4_nbits(model, head, staging, progress, details)
 
 
-def _int8_nbits(src: Path, staging: Path, progress: Progress) -> tuple[str, dict[str, Any]]:
+def _int8_nbits(
+    model: onnx.ModelProto,
+    head: TiedHead,
+    staging: Path,
+    progress: Progress,
+    graph_details: dict[str, Any],
+) -> tuple[str, dict[str, Any]]:
     progress(
         f"cpu int8: MatMulNBits 8-bit, block {INT8_BLOCK}, accuracy level {INT8_ACCURACY_LEVEL}"
     )
-    return _nbits(src, staging, bits=8, block=INT8_BLOCK, level=INT8_ACCURACY_LEVEL, symmetric=True)
+    return _nbits(
+        model, head, staging, graph_details,
+        bits=8, block=INT8_BLOCK, level=INT8_ACCURACY_LEVEL, symmetric=True,
+    )  # fmt: skip
 
 
-def _int4_nbits(src: Path, staging: Path, progress: Progress) -> tuple[str, dict[str, Any]]:
+def _int4_nbits(
+    model: onnx.ModelProto,
+    head: TiedHead,
+    staging: Path,
+    progress: Progress,
+    graph_details: dict[str, Any],
+) -> tuple[str, dict[str, Any]]:
     symmetry = "symmetric" if INT4_SYMMETRIC else "asymmetric"
     progress(
         f"cpu int4: MatMulNBits 4-bit, block {INT4_BLOCK}, accuracy level {INT4_ACCURACY_LEVEL}, "
         f"{symmetry}"
     )
     return _nbits(
-        src, staging, bits=4, block=INT4_BLOCK, level=INT4_ACCURACY_LEVEL, symmetric=INT4_SYMMETRIC
-    )
+        model, head, staging, graph_details,
+        bits=4, block=INT4_BLOCK, level=INT4_ACCURACY_LEVEL, symmetric=INT4_SYMMETRIC,
+    )  # fmt: skip
 
 
 def _nbits(
-    src: Path, staging: Path, *, bits: int, block: int, level: int, symmetric: bool
+    model: onnx.ModelProto,
+    head: TiedHead,
+    staging: Path,
+    graph_details: dict[str, Any],
+    *,
+    bits: int,
+    block: int,
+    level: int,
+    symmetric: bool,
 ) -> tuple[str, dict[str, Any]]:
     """Every linear layer, lm_head included, as a com.microsoft MatMulNBits (RTN weights)."""
     from onnxruntime.quantization import QuantFormat
@@ -102,7 +134,6 @@ def _nbits(
         MatMulNBitsQuantizer,
     )
 
-    model, head, graph_details = cpu_graph(src)
     config = DefaultWeightOnlyQuantConfig(
         block_size=block,
         is_symmetric=symmetric,
@@ -140,7 +171,9 @@ def _nbits(
     return method, details
 
 
-def cpu_graph(src: Path) -> tuple[onnx.ModelProto, TiedHead, dict[str, Any]]:
+def cpu_graph(
+    src: Path, max_positions: int = 0
+) -> tuple[onnx.ModelProto, TiedHead, dict[str, Any]]:
     """The fp32 graph every cpu precision starts from: RoPE/RMSNorm fused, q|k|v and gate|up
     merged, attention on shared KV buffers, the lm_head run for the wanted positions only.
 
@@ -152,6 +185,8 @@ def cpu_graph(src: Path) -> tuple[onnx.ModelProto, TiedHead, dict[str, Any]]:
     head = find_lm_head(model)
     merged = fuse_parallel_matmuls(model)  # after find_lm_head: the lm_head is never merged
     attention = use_group_query_attention(model)  # reads the merged q|k|v as one packed input
+    if attention["applied"] and max_positions:
+        attention["rotary_rows"] = trim_rotary_tables(model, max_positions)
     last_logits = slice_logits_input(model)
     return (
         model,
@@ -211,16 +246,18 @@ def fuse_for_cpu(src: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
     }
 
 
-def _fp32_graph(src: Path, staging: Path, progress: Progress) -> tuple[str, dict[str, Any]]:
+def _fp32_graph(
+    model: onnx.ModelProto, staging: Path, progress: Progress, graph_details: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
     progress("cpu fp32: fused operators and attention on shared KV buffers, weights unchanged")
-    model, _head, graph_details = cpu_graph(src)
     save_model(model, staging)
     return "fp32 weights, ONNX Runtime CPU graph", graph_details
 
 
-def _fp16_storage(src: Path, staging: Path, progress: Progress) -> tuple[str, dict[str, Any]]:
+def _fp16_storage(
+    model: onnx.ModelProto, staging: Path, progress: Progress, graph_details: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
     progress("cpu fp16: fp16 weight storage behind Casts (ONNX Runtime computes in fp32)")
-    model, _head, graph_details = cpu_graph(src)
     converted = store_weights_fp16(model)
     save_model(model, staging)
     method = "fp16 weight storage, Cast to fp32 at load (ONNX Runtime CPU computes fp32)"

@@ -139,6 +139,29 @@ def use_group_query_attention(model: onnx.ModelProto) -> dict[str, Any]:
     }
 
 
+def trim_rotary_tables(model: onnx.ModelProto, max_positions: int) -> int:
+    """Cut the cos/sin tables the attention reads to `max_positions` rows; return the rows kept.
+
+    ONNX Runtime's RoPE fusion writes them for 131,072 positions whatever the model's context
+    (SmolLM2: 8,192): 33 MB of a 237 MB int4 bundle that no position can ever reach."""
+    from onnx import numpy_helper
+
+    tables = {
+        name
+        for node in model.graph.node
+        if node.op_type == "GroupQueryAttention"
+        for name in node.input[7:9]
+    }
+    kept = 0
+    for tensor in model.graph.initializer:
+        if tensor.name in tables and tensor.dims[0] > max_positions:
+            rows = numpy_helper.to_array(tensor)[:max_positions]
+            tensor.CopyFrom(numpy_helper.from_array(rows, tensor.name))
+        if tensor.name in tables:
+            kept = int(tensor.dims[0])
+    return kept
+
+
 def _layer_count(graph: onnx.GraphProto) -> int:
     return sum(1 for i in graph.input if i.name.startswith("past_key_values.")) // 2
 

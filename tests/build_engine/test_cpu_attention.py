@@ -126,3 +126,11 @@ def test_a_graph_it_does_not_know_is_left_as_it_was(tiny_export: ExportResult) -
     assert result["applied"] is False
     assert "RotaryEmbedding" in result["reason"]
     assert model.SerializeToString() == before
+
+
+def test_rotary_tables_are_cut_to_the_context(tiny_export: ExportResult) -> None:
+    model, _head, details = cpu_graph(tiny_export.onnx_path, max_positions=300)
+    assert details["attention"]["rotary_rows"] == 300
+    attention = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    tables = {t.name: t for t in model.graph.initializer if t.name in attention.input[7:9]}
+    assert len(tables) == 2 and all(t.dims[0] == 300 for t in tables.values())
