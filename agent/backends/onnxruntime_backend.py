@@ -24,7 +24,7 @@ import onnxruntime as ort
 from agent.backends.base import BackendInfo, Logits, TokenIds
 from agent.backends.kv_layout import KvLayout
 from agent.backends.ort_past_present import PastPresentCache
-from agent.backends.ort_shared_kv import SEQLENS_INPUT, SharedKvCache
+from agent.backends.ort_shared_kv import SEQLENS_INPUT, SharedKvCache, SharedKvState
 from agent.errors import BundleError, EngineError
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,9 @@ class OnnxRuntimeBackend:
             raise BundleError("bad_model", f"{model_path}: expected outputs logits/present.*")
         input_names = {i.name for i in self._session.get_inputs()}
         self.shared_kv = SEQLENS_INPUT in input_names
+        self._kv_shared = SharedKvCache(layout, max_seq_len)
         self._kv: _KvCache = (
-            SharedKvCache(layout, max_seq_len)
-            if self.shared_kv
-            else PastPresentCache(layout, input_names)
+            self._kv_shared if self.shared_kv else PastPresentCache(layout, input_names)
         )
         self._present_names = layout.present_names
         self._logits_start = LOGITS_START_INPUT in input_names
@@ -111,6 +110,19 @@ class OnnxRuntimeBackend:
     def close(self) -> None:
         del self._session
 
+    def _decode_step(self, state: SharedKvState, input_ids: TokenIds) -> Logits:
+        """One token per row on the shared-KV graph, through the batch's reusable binding."""
+        step = self._kv_shared.decode_binding(self._session, state, self.info.vocab_size)
+        step.binding.bind_cpu_input("input_ids", input_ids)
+        if self._logits_start:
+            step.binding.bind_cpu_input(LOGITS_START_INPUT, _LAST)
+        try:
+            self._session.run_with_iobinding(step.binding)
+        except Exception as exc:
+            raise EngineError(f"onnxruntime failed: {exc}") from exc
+        self._kv.advance(state, [], 1)
+        return step.logits[:, -1, :].copy()
+
     def _step(self, state: Any, input_ids: TokenIds, all_positions: bool) -> Logits:
         batch, new = input_ids.shape
         if batch != state.batch_size:
@@ -118,6 +130,8 @@ class OnnxRuntimeBackend:
         longest = self._kv.longest(state)
         if longest + new > self.info.max_seq_len:
             raise EngineError(f"context full: {longest} + {new} tokens > {self.info.max_seq_len}")
+        if new == 1 and self.shared_kv and self.info.vocab_size:
+            return self._decode_step(state, input_ids)
         binding = self._session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         if self._logits_start:  # the lm_head runs for the last position only, unless asked

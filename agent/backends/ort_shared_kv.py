@@ -26,6 +26,17 @@ _ALIGN = 64  # capacity granularity (tokens): small steps for short jobs, doubli
 
 
 @dataclass
+class DecodeBinding:
+    """One IOBinding for every decode step of a batch: the KV buffers and a preallocated logits
+    buffer are bound once; a step rebinds only the token ids and the lengths."""
+
+    binding: ort.IOBinding
+    logits: np.ndarray  # [B, 1, vocab], written by each step
+    logits_value: ort.OrtValue  # keeps the binding's output alive
+    capacity: int
+
+
+@dataclass
 class SharedKvState:
     """One batch: each row's length and the per-layer buffers holding its cache."""
 
@@ -33,6 +44,7 @@ class SharedKvState:
     capacity: int = 0
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
     values: dict[str, ort.OrtValue] = field(default_factory=dict)
+    decode: DecodeBinding | None = None  # reused while the buffers stay the same
 
     @property
     def batch_size(self) -> int:
@@ -58,10 +70,33 @@ class SharedKvCache:
         return state.length
 
     def bind(self, binding: ort.IOBinding, state: SharedKvState, new: int) -> None:
+        self._reserve(state, int(state.lengths.max()) + new)
+        self._bind_lengths(binding, state, new)
+        self._bind_buffers(binding, state)
+
+    def decode_binding(
+        self, session: ort.InferenceSession, state: SharedKvState, vocab: int
+    ) -> DecodeBinding:
+        """The batch's reusable decode binding, lengths bound for the next token (rebuilt only
+        when the buffers grow): per step, ~120 bind calls and the output wrappers disappear."""
+        self._reserve(state, int(state.lengths.max()) + 1)
+        cached = state.decode
+        if cached is None or cached.capacity != state.capacity:
+            binding = session.io_binding()
+            self._bind_buffers(binding, state)
+            logits = np.empty((state.batch_size, 1, vocab), np.float32)
+            value = ort.OrtValue.ortvalue_from_numpy(logits)
+            binding.bind_ortvalue_output("logits", value)
+            cached = state.decode = DecodeBinding(binding, logits, value, state.capacity)
+        self._bind_lengths(cached.binding, state, 1)
+        return cached
+
+    def _bind_lengths(self, binding: ort.IOBinding, state: SharedKvState, new: int) -> None:
         after = state.lengths + new
-        self._reserve(state, int(after.max()))
         binding.bind_cpu_input(SEQLENS_INPUT, (after - 1).astype(np.int32))
         binding.bind_cpu_input(TOTAL_INPUT, np.array(after.max(), dtype=np.int32))
+
+    def _bind_buffers(self, binding: ort.IOBinding, state: SharedKvState) -> None:
         for past, present in zip(self._layout.past_names, self._layout.present_names, strict=True):
             binding.bind_ortvalue_input(past, state.values[past])
             binding.bind_ortvalue_output(present, state.values[past])
