@@ -1,61 +1,133 @@
 """`edge-agent bench`: speed figures of one or more bundles, and of peer runtimes on the same
 workload, measured the same way for each.
 
-Each bundle and each peer runs in a fresh child process, one after another, so its peak RSS is
-its own and nothing else of ours runs beside it.
+Each bundle and each peer lives in its own child process (its peak RSS is its own), loaded and
+warmed up one after another. The runs are then interleaved: round r runs every contestant once, in
+turn, so a drift in the machine's speed over the minutes of a bench (measured on this shared
+2-core machine: +-15% between sequential runs of the same bundle) hits every runtime alike instead
+of deciding which one looks faster. The N-jobs and MQTT figures of each bundle come after the
+rounds (each is itself a paired comparison inside one process).
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
-from dataclasses import asdict
+import resource
+import statistics
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.bench.peers import Peer, parse_peer
-from agent.bench.workload import BenchSettings
+from agent.bench.peers import Peer, PeerUnavailable, parse_peer
+from agent.bench.workload import BenchSettings, Contestant
 
 __all__ = ["BenchSettings", "Peer", "format_table", "parse_peer", "run_bench", "to_json"]
 
+_RUN, _FINISH = "run", "finish"
 
-def _bundle_child(bundle_dir: str, settings: BenchSettings, out: Any) -> None:
+
+def _contestant_child(
+    spec: tuple[str, Any], settings: BenchSettings, commands: Any, out: Any
+) -> None:
+    """Load one contestant, then answer the parent: a run per "run", the figures at "finish"."""
+    kind, what = spec
     try:
-        from agent.bench.ours import bench_bundle
-
-        out.put(bench_bundle(bundle_dir, settings))
+        contestant = _prepare(kind, what, settings)
+    except PeerUnavailable as exc:
+        out.put({"bundle": _label(kind, what), "error": str(exc)})
+        return
     except Exception as exc:  # reported to the parent, which prints it
-        out.put({"bundle": bundle_dir, "error": f"{type(exc).__name__}: {exc}"})
-
-
-def _peer_child(peer: Peer, tokenizer_bundle: str, settings: BenchSettings, out: Any) -> None:
+        out.put({"bundle": _label(kind, what), "error": f"{type(exc).__name__}: {exc}"})
+        return
+    out.put({"ready": True})
+    ttfts: list[float] = []
+    rates: list[float] = []
+    while commands.get() == _RUN:
+        try:
+            ttft_ms, rate = contestant.run_once()
+        except Exception as exc:
+            out.put({"bundle": _label(kind, what), "error": f"{type(exc).__name__}: {exc}"})
+            return
+        ttfts.append(ttft_ms)
+        rates.append(rate)
+        out.put({"ran": True})
     try:
-        from agent.bench.peers import bench_peer
-        from agent.bench.workload import bench_prompt_ids
-        from agent.text import TextCodec
-
-        ids = bench_prompt_ids(TextCodec(Path(tokenizer_bundle)), settings.prompt_tokens)
-        out.put(bench_peer(peer, ids, settings))
+        extras = contestant.extras()
     except Exception as exc:
-        out.put({"bundle": f"{peer.runtime} {peer.model}", "error": f"{type(exc).__name__}: {exc}"})
+        extras = {"extras_error": f"{type(exc).__name__}: {exc}"}
+    out.put(
+        {
+            **contestant.info,
+            "runs": len(rates),
+            "ttft_ms": round(statistics.median(ttfts), 1),
+            "decode_tokens_per_s": round(statistics.median(rates), 1),
+            "ttft_ms_all": [round(t, 1) for t in ttfts],
+            "decode_tokens_per_s_all": [round(r, 1) for r in rates],
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            **extras,
+        }
+    )
+
+
+def _prepare(kind: str, what: Any, settings: BenchSettings) -> Contestant:
+    if kind == "bundle":
+        from agent.bench.ours import prepare_bundle
+
+        return prepare_bundle(what, settings)
+    from agent.bench.peers import prepare_peer
+    from agent.bench.workload import bench_prompt_ids
+    from agent.text import TextCodec
+
+    peer, tokenizer_bundle = what
+    ids = bench_prompt_ids(TextCodec(Path(tokenizer_bundle)), settings.prompt_tokens)
+    return prepare_peer(peer, ids, settings)
+
+
+def _label(kind: str, what: Any) -> str:
+    return str(what) if kind == "bundle" else f"{what[0].runtime} {what[0].model}"
+
+
+@dataclass
+class _Child:
+    process: Any
+    commands: Any
+    out: Any
+    result: dict[str, Any] | None = None  # set once it failed or finished
 
 
 def run_bench(
     bundles: list[Path], settings: BenchSettings, peers: list[Peer] | None = None
 ) -> list[dict[str, Any]]:
-    """Benchmark each bundle, then each peer (its prompt tokenized by the first bundle's
-    tokenizer: the same ids for everyone), each in its own process."""
+    """Benchmark each bundle and each peer (its prompt tokenized by the first bundle's
+    tokenizer: the same ids for everyone), each in its own process, runs interleaved."""
     context = multiprocessing.get_context("spawn")
-    jobs: list[tuple[Any, tuple[Any, ...]]] = [(_bundle_child, (str(b), settings)) for b in bundles]
-    jobs += [(_peer_child, (peer, str(bundles[0]), settings)) for peer in peers or []]
-    results = []
-    for target, args in jobs:
-        queue = context.Queue()
-        process = context.Process(target=target, args=(*args, queue))
-        process.start()
-        results.append(queue.get())
-        process.join()
-    return results
+    specs: list[tuple[str, Any]] = [("bundle", str(b)) for b in bundles]
+    specs += [("peer", (peer, str(bundles[0]))) for peer in peers or []]
+    children = []
+    for spec in specs:  # loaded one at a time: a load never competes with another's
+        child = _Child(None, context.Queue(), context.Queue())
+        child.process = context.Process(
+            target=_contestant_child, args=(spec, settings, child.commands, child.out)
+        )
+        child.process.start()
+        reply = child.out.get()
+        if "ready" not in reply:
+            child.result = reply
+        children.append(child)
+    for _ in range(settings.runs):
+        for child in children:
+            if child.result is None:
+                child.commands.put(_RUN)
+                reply = child.out.get()
+                if "ran" not in reply:
+                    child.result = reply
+    for child in children:
+        if child.result is None:
+            child.commands.put(_FINISH)
+            child.result = child.out.get()
+        child.process.join()
+    return [child.result or {} for child in children]
 
 
 def format_table(results: list[dict[str, Any]]) -> str:

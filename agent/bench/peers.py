@@ -13,15 +13,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import resource
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.bench.workload import BenchSettings, rate_after_first
+from agent.bench.workload import BenchSettings, Contestant, rate_after_first
 
 LLAMA_CPP = "llama.cpp"
 ORT_GENAI = "onnxruntime-genai"
@@ -60,57 +58,55 @@ def parse_peer(spec: str) -> Peer:
     return Peer(runtime, Path(model))
 
 
-def bench_peer(peer: Peer, prompt_ids: list[int], settings: BenchSettings) -> dict[str, Any]:
-    """One peer's figures, in the keys of our own results (runs in the bench's child process)."""
+def prepare_peer(peer: Peer, prompt_ids: list[int], settings: BenchSettings) -> Contestant:
+    """Load the peer's model and warm it up (runs in the bench's child process)."""
     label = f"{peer.runtime} {peer.model.name}"
     if not peer.installed:
-        return {"bundle": label, "error": f"{PEER_MODULES[peer.runtime]} is not installed"}
+        raise PeerUnavailable(f"{PEER_MODULES[peer.runtime]} is not installed")
     if not peer.model.exists():
-        return {"bundle": label, "error": f"{peer.model} does not exist"}
+        raise PeerUnavailable(f"{peer.model} does not exist")
     threads = settings.threads or _cpu_count()
     started = time.perf_counter()
     if peer.runtime == LLAMA_CPP:
-        run_once, precision = _llama_cpp(peer.model, prompt_ids, settings, threads)
+        run_tokens, precision = _llama_cpp(peer.model, prompt_ids, settings, threads)
     elif peer.runtime == ORT_GENAI:
-        run_once, precision = _ort_genai(peer.model, prompt_ids, settings, threads)
+        run_tokens, precision = _ort_genai(peer.model, prompt_ids, settings, threads)
     else:
-        run_once, precision = _ort_loop(peer.model, prompt_ids, settings, settings.threads)
+        run_tokens, precision = _ort_loop(peer.model, prompt_ids, settings, settings.threads)
     load_s = time.perf_counter() - started
-    run_once()  # warm-up
-    ttfts, rates = [], []
-    for _ in range(settings.runs):
-        tokens, ttft_s, total_s = run_once()
-        ttfts.append(ttft_s * 1000)
-        rates.append(rate_after_first(tokens, ttft_s, total_s))
+    run_tokens()  # warm-up
+
+    def run_once() -> tuple[float, float]:
+        tokens, ttft_s, total_s = run_tokens()
+        return ttft_s * 1000, rate_after_first(tokens, ttft_s, total_s)
+
     size = (
         peer.model.stat().st_size
         if peer.model.is_file()
         else sum(f.stat().st_size for f in peer.model.iterdir() if f.is_file())
     )
-    return {
+    info = {
         "bundle": str(peer.model),
         "name": label,
         "precision": precision,
         "size_mb": round(size / 1e6, 1),
         "prompt_tokens": len(prompt_ids),
         "new_tokens": settings.new_tokens,
-        "runs": settings.runs,
-        "ttft_ms": round(statistics.median(ttfts), 1),
-        "decode_tokens_per_s": round(statistics.median(rates), 1),
-        "ttft_ms_all": [round(t, 1) for t in ttfts],
-        "decode_tokens_per_s_all": [round(r, 1) for r in rates],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "load_s": round(load_s, 2),
-        "concurrency": 0,
     }
+    return Contestant(info, run_once)
 
 
-RunOnce = Callable[[], tuple[int, float, float]]  # -> (tokens, ttft_s, total_s)
+class PeerUnavailable(Exception):
+    """The peer cannot be measured here (not installed, no model): a row says why."""
+
+
+RunTokens = Callable[[], tuple[int, float, float]]  # -> (tokens, ttft_s, total_s)
 
 
 def _llama_cpp(
     gguf: Path, prompt_ids: list[int], settings: BenchSettings, threads: int
-) -> tuple[RunOnce, str]:
+) -> tuple[RunTokens, str]:
     from llama_cpp import Llama
 
     llm: Any = Llama(  # Any: typed when installed, absent in CI; either way the same code
@@ -142,7 +138,7 @@ def _llama_cpp(
 
 def _ort_genai(
     model_dir: Path, prompt_ids: list[int], settings: BenchSettings, threads: int
-) -> tuple[RunOnce, str]:
+) -> tuple[RunTokens, str]:
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
@@ -174,7 +170,7 @@ def _ort_genai(
 
 def _ort_loop(
     bundle: Path, prompt_ids: list[int], settings: BenchSettings, threads: int
-) -> tuple[RunOnce, str]:
+) -> tuple[RunTokens, str]:
     import numpy as np
     import onnxruntime as ort
 

@@ -4,7 +4,8 @@ run does the same work)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 # Varied English prose, repeated as needed and cut to the requested number of tokens.
@@ -41,3 +42,16 @@ def rate_after_first(tokens: int, ttft_s: float, total_s: float) -> float:
     """Decode tokens/s after the first token, as `GenerationResult.decode_tokens_per_s`."""
     decode_s = total_s - ttft_s
     return (tokens - 1) / decode_s if tokens > 1 and decode_s > 0 else 0.0
+
+
+RunOnce = Callable[[], tuple[float, float]]  # one run of the workload -> (TTFT ms, decode tok/s)
+
+
+@dataclass
+class Contestant:
+    """One bundle or peer, loaded and warmed up in its own process, ready for its runs."""
+
+    info: dict[str, Any]  # what it is: bundle, name, precision, size_mb, prompt_tokens, load_s
+    run_once: RunOnce
+    # Figures measured after the rounds (N jobs at once, MQTT overhead): bundles only.
+    extras: Callable[[], dict[str, Any]] = field(default=lambda: {})
