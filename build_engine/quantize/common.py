@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,6 +266,15 @@ def find_lm_head(model: onnx.ModelProto) -> TiedHead:
                 gather = cand.name
                 break
     return TiedHead(matmul=node.name, weight=weight, gather=gather, table=table)
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Every tensor name -> the nodes that read it (a node reading it twice is listed twice)."""
+    users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            users[name].append(node)
+    return users
 
 
 def weight_matmuls(model: onnx.ModelProto) -> list[str]:

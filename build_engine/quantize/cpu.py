@@ -60,6 +60,11 @@ INT4_SYMMETRIC = False  # asymmetric blocks: +3 points agreement, speed within n
 # gave 0.962 / 0.57 at the same speed. Level 1 (fp32 activations) is accurate but 5x slower here.
 INT8_BLOCK = 32
 INT8_ACCURACY_LEVEL = 4
+# precision -> (bits, block size, accuracy level, symmetric)
+NBITS = {
+    "int8": (8, INT8_BLOCK, INT8_ACCURACY_LEVEL, True),
+    "int4": (4, INT4_BLOCK, INT4_ACCURACY_LEVEL, INT4_SYMMETRIC),
+}
 
 
 def quantize_cpu(
@@ -80,43 +85,14 @@ def quantize_cpu(
         return _fp32_graph(model, staging, progress, details)
     if precision == "fp16":
         return _fp16_storage(model, staging, progress, details)
-    if precision == "int8":
-        return _int8_nbits(model, head, staging, progress, details)
-    return _int4_nbits(model, head, staging, progress, details)
-
-
-def _int8_nbits(
-    model: onnx.ModelProto,
-    head: TiedHead,
-    staging: Path,
-    progress: Progress,
-    graph_details: dict[str, Any],
-) -> tuple[str, dict[str, Any]]:
+    bits, block, level, symmetric = NBITS[precision]
     progress(
-        f"cpu int8: MatMulNBits 8-bit, block {INT8_BLOCK}, accuracy level {INT8_ACCURACY_LEVEL}"
+        f"cpu {precision}: MatMulNBits {bits}-bit, block {block}, accuracy level {level}, "
+        f"{'symmetric' if symmetric else 'asymmetric'}"
     )
     return _nbits(
-        model, head, staging, graph_details,
-        bits=8, block=INT8_BLOCK, level=INT8_ACCURACY_LEVEL, symmetric=True,
-    )  # fmt: skip
-
-
-def _int4_nbits(
-    model: onnx.ModelProto,
-    head: TiedHead,
-    staging: Path,
-    progress: Progress,
-    graph_details: dict[str, Any],
-) -> tuple[str, dict[str, Any]]:
-    symmetry = "symmetric" if INT4_SYMMETRIC else "asymmetric"
-    progress(
-        f"cpu int4: MatMulNBits 4-bit, block {INT4_BLOCK}, accuracy level {INT4_ACCURACY_LEVEL}, "
-        f"{symmetry}"
+        model, head, staging, details, bits=bits, block=block, level=level, symmetric=symmetric
     )
-    return _nbits(
-        model, head, staging, graph_details,
-        bits=4, block=INT4_BLOCK, level=INT4_ACCURACY_LEVEL, symmetric=INT4_SYMMETRIC,
-    )  # fmt: skip
 
 
 def _nbits(

@@ -25,11 +25,11 @@ runs. The accuracy gate evaluates whichever graph is written.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from build_engine.quantize.common import consumers
 from build_engine.shape_simplify import remove_unused_nodes
 
 if TYPE_CHECKING:
@@ -184,7 +184,7 @@ def _head_counts(model: onnx.ModelProto) -> tuple[int, int]:
 
 def _match_layer(model: onnx.ModelProto, index: int) -> _Layer:
     graph = model.graph
-    readers = _readers(graph)
+    readers = consumers(graph)
     past_k, past_v = f"past_key_values.{index}.key", f"past_key_values.{index}.value"
     k_concat = _only(readers[past_k], "Concat", past_k)
     v_concat = _only(readers[past_v], "Concat", past_v)
@@ -254,14 +254,6 @@ def _head_split_input(graph: onnx.GraphProto, name: str) -> str:
     if perm != [0, 2, 1, 3]:
         raise NoMatch(f"{transpose.name}: perm {perm}, expected [0, 2, 1, 3]")
     return str(_producer(graph, transpose.input[0], "Reshape").input[0])
-
-
-def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            readers[name].append(node)
-    return readers
 
 
 def _producer_or_none(graph: onnx.GraphProto, name: str) -> onnx.NodeProto | None:

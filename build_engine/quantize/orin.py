@@ -53,6 +53,7 @@ from build_engine.quantize.common import (
     CalibrationFeeds,
     Precision,
     Progress,
+    consumers,
     contrib_ops,
     find_lm_head,
     load_model,
@@ -332,21 +333,13 @@ def _check_types(model: onnx.ModelProto) -> None:
         raise BuildError("quantize_failed", f"fp16 conversion left a type mismatch: {e}") from e
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            users[name].append(node)
-    return users
-
-
 def _rmsnorm_islands(
     graph: onnx.GraphProto,
     consts: dict[str, onnx.NodeProto],
     inits: dict[str, onnx.TensorProto],
 ) -> set[str]:
     """Node names of each `x*x -> mean -> +eps -> sqrt -> 1/. -> x*.` chain (RMSNorm's variance)."""
-    users = _consumers(graph)
+    users = consumers(graph)
 
     def only(name: str, *ops: str) -> onnx.NodeProto | None:
         found = [n for n in users.get(name, []) if n.op_type in ops]
@@ -519,7 +512,7 @@ def insert_weight_dq(model: onnx.ModelProto, matmuls: Iterable[str]) -> list[str
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    users = _consumers(graph)
+    users = consumers(graph)
     wanted = set(matmuls)
     done = []
     new_nodes = []
