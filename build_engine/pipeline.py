@@ -69,7 +69,7 @@ def export_bundle(options: ExportOptions, progress: Progress) -> dict[str, Any]:
     steps = Steps(progress, total=(1 if options.from_bundle else 6) + (4 if derived else 1))
 
     try:
-        manifest = _build_in_scratch(options, out, steps, progress, started)
+        manifest = _build_in_scratch(options, derived, out, steps, progress, started)
     except OSError as exc:
         error = disk_full_error(exc, out.parent)
         if error is None:
@@ -80,10 +80,15 @@ def export_bundle(options: ExportOptions, progress: Progress) -> dict[str, Any]:
 
 
 def _build_in_scratch(
-    options: ExportOptions, out: Path, steps: Steps, progress: Progress, started: float
+    options: ExportOptions,
+    derived: bool,
+    out: Path,
+    steps: Steps,
+    progress: Progress,
+    started: float,
 ) -> dict[str, Any]:
-    """Every step, in a scratch folder next to `out` that is removed whatever happens."""
-    derived = _derives(options)
+    """Every step, in a scratch folder next to `out` that is removed whatever happens.
+    `derived`: the bundle is made from the reference (`_derives`), not the reference itself."""
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         if options.from_bundle is not None:
             steps("verifying the fp32 reference bundle")

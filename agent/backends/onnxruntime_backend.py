@@ -78,10 +78,8 @@ class OnnxRuntimeBackend:
             raise BundleError("bad_model", f"{model_path}: expected outputs logits/present.*")
         input_names = {i.name for i in self._session.get_inputs()}
         self.shared_kv = SEQLENS_INPUT in input_names
-        self._kv_shared = SharedKvCache(layout, max_seq_len)
-        self._kv: _KvCache = (
-            self._kv_shared if self.shared_kv else PastPresentCache(layout, input_names)
-        )
+        self._shared = SharedKvCache(layout, max_seq_len) if self.shared_kv else None
+        self._kv: _KvCache = self._shared or PastPresentCache(layout, input_names)
         self._present_names = layout.present_names
         self._logits_start = LOGITS_START_INPUT in input_names
         vocab = self._session.get_outputs()[0].shape[-1]
@@ -115,9 +113,11 @@ class OnnxRuntimeBackend:
     def close(self) -> None:
         del self._session
 
-    def _decode_step(self, state: SharedKvState, input_ids: TokenIds) -> Logits:
+    def _decode_step(
+        self, shared: SharedKvCache, state: SharedKvState, input_ids: TokenIds
+    ) -> Logits:
         """One token per row on the shared-KV graph, through the batch's reusable binding."""
-        step = self._kv_shared.decode_binding(self._session, state, self.info.vocab_size)
+        step = shared.decode_binding(self._session, state, self.info.vocab_size)
         step.binding.bind_cpu_input("input_ids", input_ids)
         if self._logits_start:
             step.binding.bind_cpu_input(LOGITS_START_INPUT, _LAST)
@@ -125,7 +125,7 @@ class OnnxRuntimeBackend:
             self._session.run_with_iobinding(step.binding)
         except Exception as exc:
             raise EngineError(f"onnxruntime failed: {exc}") from exc
-        self._kv.advance(state, [], 1)
+        shared.advance(state, [], 1)
         return step.logits[:, -1, :].copy()
 
     def _step(self, state: Any, input_ids: TokenIds, all_positions: bool) -> Logits:
@@ -135,8 +135,8 @@ class OnnxRuntimeBackend:
         longest = self._kv.longest(state)
         if longest + new > self.info.max_seq_len:
             raise EngineError(f"context full: {longest} + {new} tokens > {self.info.max_seq_len}")
-        if new == 1 and self.shared_kv and self.info.vocab_size:
-            return self._decode_step(state, input_ids)
+        if new == 1 and self._shared is not None and self.info.vocab_size:
+            return self._decode_step(self._shared, state, input_ids)
         binding = self._session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         if self._logits_start:  # the lm_head runs for the last position only, unless asked
