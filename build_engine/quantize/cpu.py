@@ -166,7 +166,7 @@ def cpu_graph(
     attention = use_group_query_attention(model)  # reads the merged q|k|v as one packed input
     if attention["applied"] and max_positions:
         attention["rotary_rows"] = trim_rotary_tables(model, max_positions)
-    last_logits = slice_logits_input(model)
+    last_logits = slice_logits_input(model, head.matmul)
     return (
         model,
         head,

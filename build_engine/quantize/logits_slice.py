@@ -11,27 +11,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from build_engine.quantize.common import find_lm_head
-
 if TYPE_CHECKING:
     import onnx
 
 LOGITS_START_INPUT = "logits_start"
 
 
-def slice_logits_input(model: onnx.ModelProto) -> bool:
-    """Rewrite `model` in place; False when it has no lm_head MatMul to put the Slice before."""
+def slice_logits_input(model: onnx.ModelProto, lm_head: str) -> bool:
+    """Rewrite `model` in place, a Slice in front of the MatMul named `lm_head`; False when the
+    graph has no such node."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     if any(i.name == LOGITS_START_INPUT for i in graph.input):
         return True
-    try:
-        head = find_lm_head(model)
-    except Exception:  # BuildError: no MatMul produces logits
+    matmul = next((n for n in graph.node if n.name == lm_head and n.op_type == "MatMul"), None)
+    if matmul is None:
         return False
-    matmul = next(n for n in graph.node if n.name == head.matmul)
     hidden = matmul.input[0]
     sliced = f"{hidden}_from_logits_start"
     constants = {
