@@ -32,13 +32,14 @@ def _contestant_child(
 ) -> None:
     """Load one contestant, then answer the parent: a run per "run", the figures at "finish"."""
     kind, what = spec
+    failed = {"bundle": _label(kind, what)}
     try:
         contestant = _prepare(kind, what, settings)
     except PeerUnavailable as exc:
-        out.put({"bundle": _label(kind, what), "error": str(exc)})
+        out.put({**failed, "error": str(exc)})
         return
     except Exception as exc:  # reported to the parent, which prints it
-        out.put({"bundle": _label(kind, what), "error": f"{type(exc).__name__}: {exc}"})
+        out.put({**failed, "error": _describe(exc)})
         return
     out.put({"ready": True})
     ttfts: list[float] = []
@@ -47,15 +48,15 @@ def _contestant_child(
         try:
             ttft_ms, rate = contestant.run_once()
         except Exception as exc:
-            out.put({"bundle": _label(kind, what), "error": f"{type(exc).__name__}: {exc}"})
+            out.put({**failed, "error": _describe(exc)})
             return
         ttfts.append(ttft_ms)
         rates.append(rate)
         out.put({"ran": True})
     try:
         extras = contestant.extras()
-    except Exception as exc:
-        extras = {"extras_error": f"{type(exc).__name__}: {exc}"}
+    except Exception as exc:  # the row keeps its run figures and says what failed after them
+        extras = {"error": f"after the runs (N jobs / MQTT): {_describe(exc)}"}
     out.put(
         {
             **contestant.info,
@@ -82,6 +83,10 @@ def _prepare(kind: str, what: Any, settings: BenchSettings) -> Contestant:
     peer, tokenizer_bundle = what
     ids = bench_prompt_ids(TextCodec(Path(tokenizer_bundle)), settings.prompt_tokens)
     return prepare_peer(peer, ids, settings)
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _label(kind: str, what: Any) -> str:

@@ -74,16 +74,17 @@ def _measure(
     )
     service = AgentService(config, model)
     service.start()
-    listener = _Listener(host, port, service.topics.results("+"))
+    listener: _Listener | None = None
     try:
+        listener = client = _Listener(host, port, service.topics.results("+"))
         if not service.link.wait_connected(10):
             raise AgentError("no_broker", f"the agent cannot reach the broker at {host}:{port}")
 
         def over_mqtt(job_id: str) -> tuple[float, dict[str, Any]]:
             started = time.perf_counter()
             job = {"id": job_id, "prompt": text, "max_tokens": tokens}
-            listener.publish(service.topics.jobs, job)
-            done = listener.final(job_id, timeout=300)
+            client.publish(service.topics.jobs, job)
+            done = client.final(job_id, timeout=300)
             return (time.perf_counter() - started) * 1000, done
 
         def direct() -> tuple[float, int]:
@@ -105,7 +106,8 @@ def _measure(
             direct_ms.append(direct_time)
             mqtt_ms.append(mqtt_time)
     finally:
-        listener.close()
+        if listener is not None:
+            listener.close()
         service.shutdown(grace_s=30)
     overheads = [m - d for m, d in zip(mqtt_ms, direct_ms, strict=True)]
     return {
@@ -128,7 +130,12 @@ class _Listener:
             protocol=paho.MQTTv5,
         )
         self._client.on_message = self._on_message
-        self._client.connect(host, port, keepalive=60)
+        try:
+            self._client.connect(host, port, keepalive=60)
+        except OSError as exc:
+            raise AgentError(
+                "no_broker", f"the bench client cannot reach the broker at {host}:{port}: {exc}"
+            ) from exc
         self._client.subscribe(results, qos=1)
         self._client.loop_start()
         time.sleep(0.2)  # the SUBACK lands before the first job can be answered

@@ -96,3 +96,15 @@ def test_bench_the_textbook_loop_over_the_portable_graph(
     assert loop["decode_tokens_per_s"] > 0 and loop["precision"] == "fp32"
     # The cpu bundle's graph has no attention mask: the loop says which bundle it needs.
     assert "--target orin" in refused["error"], refused
+
+
+def test_a_failure_after_the_runs_is_an_error_row_that_keeps_the_figures(
+    default_bundle: Path,
+) -> None:
+    unreachable = bench("--bundle", str(default_bundle), "--runs", "1", "--new-tokens", "4",
+                        "--prompt-tokens", "16", "--json", "--mqtt",
+                        "--broker", "127.0.0.1:1")  # fmt: skip
+    assert unreachable.returncode == 1
+    (row,) = json.loads(unreachable.stdout)["results"]
+    assert row["error"].startswith("after the runs") and "127.0.0.1:1" in row["error"], row
+    assert row["decode_tokens_per_s"] > 0 and row["runs"] == 1
