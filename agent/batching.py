@@ -89,7 +89,7 @@ class BatchGenerator:
             if entry.run.done:  # nothing to generate (the prompt fills the context)
                 self._finish(entry)
                 continue
-            state = self.backend.new_state(1)
+            state = self.backend.new_state(1, entry.run.expected_length)
             try:
                 logits = self.backend.prefill(state, entry.run.prompt_array())  # [1, vocab]
             except Exception as exc:

@@ -136,6 +136,11 @@ class SequenceRun:
     def done(self) -> bool:
         return self.finish is not None
 
+    @property
+    def expected_length(self) -> int:
+        """The most tokens this sequence's cache can reach: prompt plus budget."""
+        return len(self.request.prompt_ids) + max(self.budget, 0)
+
     def prompt_array(self) -> TokenIds:
         return np.asarray([list(self.request.prompt_ids)], dtype=np.int64)  # [1, S]
 
@@ -197,7 +202,7 @@ def generate(
         request, codec, backend.info.max_seq_len, on_text=on_text, interrupt=interrupt
     )
     if not run.done:
-        state = backend.new_state(1)
+        state = backend.new_state(1, run.expected_length)
         logits = backend.prefill(state, run.prompt_array())  # [1, vocab]
         while not run.accept(logits[0]):
             logits = backend.decode(state, np.asarray([run.next_token], dtype=np.int64))

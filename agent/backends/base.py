@@ -47,8 +47,10 @@ StateT = TypeVar("StateT", bound=DecodeState)
 class Backend(Protocol[StateT]):
     info: BackendInfo
 
-    def new_state(self, batch_size: int) -> StateT:
-        """An empty KV cache for `batch_size` rows."""
+    def new_state(self, batch_size: int, expected_length: int = 0) -> StateT:
+        """An empty KV cache for `batch_size` rows. `expected_length` is how many tokens per row
+        the caller expects to reach (prompt + the most it may generate; 0 = unknown): a backend
+        whose cache grows may allocate that much at once instead of growing it mid-job."""
         ...
 
     def prefill(self, state: StateT, input_ids: TokenIds) -> Logits:

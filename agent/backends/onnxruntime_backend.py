@@ -37,7 +37,7 @@ _ALL = np.array([0], np.int64)
 class _KvCache(Protocol):
     """What the backend needs of a KV contract (see the two modules above)."""
 
-    def new_state(self, batch_size: int) -> Any: ...
+    def new_state(self, batch_size: int, expected_length: int) -> Any: ...
     def longest(self, state: Any) -> int: ...
     def bind(self, binding: ort.IOBinding, state: Any, new: int) -> None: ...
     def advance(self, state: Any, presents: list[ort.OrtValue], new: int) -> None: ...
@@ -82,6 +82,8 @@ class OnnxRuntimeBackend:
         self._kv: _KvCache = self._shared or PastPresentCache(layout, input_names)
         self._present_names = layout.present_names
         self._logits_start = LOGITS_START_INPUT in input_names
+        # Inputs a decode step binds once and never changes (the lm_head's last position).
+        self._constants = {LOGITS_START_INPUT: _LAST.copy()} if self._logits_start else {}
         vocab = self._session.get_outputs()[0].shape[-1]
         active = self._session.get_providers()[0]
         self.info = BackendInfo(
@@ -93,8 +95,8 @@ class OnnxRuntimeBackend:
         kind = "shared KV buffers" if self.shared_kv else "past/present KV"
         log.info("onnxruntime session on %s (%s, %s)", active, model_path.name, kind)
 
-    def new_state(self, batch_size: int) -> Any:
-        return self._kv.new_state(batch_size)
+    def new_state(self, batch_size: int, expected_length: int = 0) -> Any:
+        return self._kv.new_state(batch_size, expected_length)
 
     def prefill(self, state: Any, input_ids: TokenIds, *, all_positions: bool = False) -> Logits:
         """Logits of each row's last position ([B, vocab]), or of every position ([B, S, vocab])
@@ -114,13 +116,11 @@ class OnnxRuntimeBackend:
         del self._session
 
     def _decode_step(
-        self, shared: SharedKvCache, state: SharedKvState, input_ids: TokenIds
+        self, shared: SharedKvCache, state: SharedKvState, token_ids: TokenIds
     ) -> Logits:
         """One token per row on the shared-KV graph, through the batch's reusable binding."""
-        step = shared.decode_binding(self._session, state, self.info.vocab_size)
-        step.binding.bind_cpu_input("input_ids", input_ids)
-        if self._logits_start:
-            step.binding.bind_cpu_input(LOGITS_START_INPUT, _LAST)
+        step = shared.decode_binding(self._session, state, self.info.vocab_size, self._constants)
+        step.step(token_ids[:, 0], state.lengths)
         try:
             self._session.run_with_iobinding(step.binding)
         except Exception as exc:

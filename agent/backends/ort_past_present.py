@@ -37,7 +37,8 @@ class PastPresentCache:
         self._layout = layout
         self._has_position_ids = "position_ids" in input_names
 
-    def new_state(self, batch_size: int) -> PastPresentState:
+    def new_state(self, batch_size: int, expected_length: int = 0) -> PastPresentState:
+        del expected_length  # the graph writes a new, one token longer cache every step
         return PastPresentState(batch_size, np.zeros((batch_size, 0), dtype=np.int64))
 
     def longest(self, state: PastPresentState) -> int:

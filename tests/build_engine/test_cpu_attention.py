@@ -80,6 +80,27 @@ def test_same_logits_as_the_exported_graph(
     assert state.length == 140 and state.capacity >= 140
 
 
+def test_a_jobs_expected_length_is_allocated_up_front(
+    rewritten: tuple[Path, dict[str, Any]],
+) -> None:
+    """A job that says how long it can get is never copied into a bigger buffer mid-answer; past
+    what it said, the buffers still grow by doubling, not token by token."""
+    backend = _backend(rewritten[0])
+    planned, unplanned = backend.new_state(1, expected_length=200), backend.new_state(1)
+    prompt = _tokens(3, 70)[None, :]
+    backend.prefill(planned, prompt), backend.prefill(unplanned, prompt)
+    assert (planned.capacity, unplanned.capacity) == (256, 128)  # 64-token steps
+    buffers = planned.buffers
+    for token in _tokens(4, 130):  # up to the expected 200 tokens
+        got = backend.decode(planned, np.array([token]))
+        np.testing.assert_array_equal(got, backend.decode(unplanned, np.array([token])))
+    assert planned.length == 200 and planned.buffers is buffers  # never reallocated
+    assert unplanned.capacity == 256  # grew once on the way
+    for token in _tokens(5, 57):  # past what the job said: 257 tokens
+        backend.decode(planned, np.array([token]))
+    assert planned.capacity == 512
+
+
 def test_rows_of_different_lengths_batch_without_padding(
     rewritten: tuple[Path, dict[str, Any]],
 ) -> None:

@@ -264,9 +264,9 @@ class FailingBackend:
         self.fail_next = True
         self._steps = 0
 
-    def new_state(self, batch_size: int) -> Any:
+    def new_state(self, batch_size: int, expected_length: int = 0) -> Any:
         self._steps = 0
-        return self.inner.new_state(batch_size)
+        return self.inner.new_state(batch_size, expected_length)
 
     def prefill(self, state: Any, input_ids: TokenIds) -> Logits:
         return self.inner.prefill(state, input_ids)

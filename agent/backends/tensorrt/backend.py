@@ -109,7 +109,8 @@ class TensorRTBackend:
 
     # --- Backend -----------------------------------------------------------------------------
 
-    def new_state(self, batch_size: int) -> TrtDecodeState:
+    def new_state(self, batch_size: int, expected_length: int = 0) -> TrtDecodeState:
+        del expected_length  # rows are leased from buffers sized by the engine's profile
         self._check_open()
         if batch_size < 1:
             raise EngineError(f"a batch needs at least one row, got {batch_size}")
