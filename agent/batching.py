@@ -3,7 +3,8 @@
 A new job is prefilled on its own and joins the running batch at the next step (its KV cache
 copied in beside the others: each row keeps its own length on the CPU graph, or is left-padded to
 the batch's length on past/present graphs); a finished job leaves at once without stalling the
-others.
+others, its place taken by the last row (`compacting_order`: on the CPU graph that is one row's
+copy, not the whole batch's).
 Each row keeps its own sampling settings, stop strings and stream (`SequenceRun`), so batching
 changes how fast jobs run, not what they answer.
 """
@@ -79,8 +80,9 @@ class BatchGenerator:
             else:
                 keep.append(index)
         if len(keep) < len(self._rows):
-            self._rows = [self._rows[i] for i in keep]
-            self._state = self.backend.select(self._state, keep) if keep else None
+            order = compacting_order(keep)
+            self._rows = [self._rows[i] for i in order]
+            self._state = self.backend.select(self._state, order) if order else None
 
     def _admit(self) -> None:
         joining: list[tuple[_Entry, Any]] = []
@@ -107,3 +109,12 @@ class BatchGenerator:
 
     def _finish(self, entry: _Entry) -> None:
         entry.on_finished(entry.run, entry.run.result(), None)
+
+
+def compacting_order(keep: list[int]) -> list[int]:
+    """The surviving rows `keep` in the order that moves the fewest of them: each survivor already
+    inside the smaller batch stays where it is, and the gaps take survivors from beyond it."""
+    size = len(keep)
+    staying = {row for row in keep if row < size}
+    from_beyond = iter(row for row in keep if row >= size)
+    return [row if row in staying else next(from_beyond) for row in range(size)]

@@ -3,12 +3,14 @@
 Per layer one buffer [B, kv_heads, capacity, head_dim] is bound as both `past_key_values.{i}.*`
 and `present.{i}.*`: ONNX Runtime's kernel sees the same memory on both sides and writes the new
 tokens' K/V in place, so a step copies no cache at all. The buffers are numpy arrays wrapped in
-`OrtValue`s (no copy on the CPU), allocated per batch and grown by doubling when a row reaches the
-end (amortised: one copy per doubling, not one per token).
+`OrtValue`s (no copy on the CPU): views of the first rows of an arena (`KvArena`) sized for what
+the rows' jobs expect to reach, grown by doubling beyond that (one copy per doubling, not one per
+token).
 
 Each row keeps its own length (`lengths`): rows start at position 0 and are never padded, so a
-joining job costs one copy of its own cache into the batch's buffers, and the graph reads each
-row's true length from `seqlens_k` (which also gives RoPE its positions).
+joining job costs one copy of its own cache into a spare row of the arena, a leaving job at most
+one row's copy (the last row takes its place), and the graph reads each row's true length from
+`seqlens_k` (which also gives RoPE its positions).
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ class DecodeBinding:
     total: np.ndarray  # [] int32: the longest row's length after the step
     logits: np.ndarray  # [B, 1, vocab], written by each run
     values: list[ort.OrtValue]  # keep the bound wrappers alive as long as the binding
-    capacity: int
 
     def step(self, token_ids: np.ndarray, lengths: np.ndarray) -> None:
         """Set up the next run: one new token per row on top of `lengths` cached tokens."""
@@ -47,13 +48,24 @@ class DecodeBinding:
 
 
 @dataclass
+class KvArena:
+    """Per-layer buffers [rows, kv_heads, capacity, head_dim] that batches view the first rows of.
+    Spare rows let a joining job be copied in beside the others without moving them, and a leaving
+    job's row be filled by the last row instead of copying every row into new buffers."""
+
+    buffers: dict[str, np.ndarray]
+    rows: int
+    capacity: int
+
+
+@dataclass
 class SharedKvState:
-    """One batch: each row's length and the per-layer buffers holding its cache."""
+    """One batch: each row's length, and views of the first `batch_size` rows of an arena."""
 
     lengths: np.ndarray  # [B] int64: tokens in each row's cache
     planned: np.ndarray  # [B] int64: tokens each row's job expects to reach (0 = unknown)
-    capacity: int = 0
-    buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    arena: KvArena | None = None
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)  # this batch's rows
     values: dict[str, ort.OrtValue] = field(default_factory=dict)
     decode: DecodeBinding | None = None  # reused while the buffers stay the same
 
@@ -66,9 +78,16 @@ class SharedKvState:
         """The longest row (rows are not padded to a common length)."""
         return int(self.lengths.max()) if self.lengths.size else 0
 
+    @property
+    def capacity(self) -> int:
+        return self.arena.capacity if self.arena is not None else 0
+
 
 class SharedKvCache:
-    """Allocates, binds and reshapes `SharedKvState`s for one session."""
+    """Allocates, binds and reshapes `SharedKvState`s for one session.
+
+    `concat` and `select` use up the states they are given: the result may view the same arena.
+    """
 
     def __init__(self, layout: KvLayout, max_seq_len: int) -> None:
         self._layout = layout
@@ -98,7 +117,7 @@ class SharedKvCache:
         bound as inputs once: per step, ~120 bind calls and the output wrappers disappear."""
         self._reserve(state, int(state.lengths.max()) + 1)
         cached = state.decode
-        if cached is None or cached.capacity != state.capacity:
+        if cached is None:  # a new state, or its buffers moved to a bigger arena
             batch = state.batch_size
             binding = session.io_binding()
             self._bind_buffers(binding, state)
@@ -120,7 +139,6 @@ class SharedKvCache:
                 inputs[TOTAL_INPUT],
                 logits,
                 values,
-                state.capacity,
             )
         return cached
 
@@ -139,33 +157,60 @@ class SharedKvCache:
         state.lengths = state.lengths + new
 
     def concat(self, states: list[SharedKvState]) -> SharedKvState:
-        lengths = np.concatenate([st.lengths for st in states])
-        joined = SharedKvState(lengths, np.concatenate([st.planned for st in states]))
-        self._allocate(joined, self._capacity_for(joined, int(lengths.max())))
-        row = 0
-        for st in states:
-            used = st.length
-            for name, buffer in joined.buffers.items() if used else ():
-                buffer[row : row + st.batch_size, :, :used] = st.buffers[name][:, :, :used]
-            row += st.batch_size
+        """The first state's arena takes the others' rows when it has room for them (a job
+        joining a running batch costs a copy of its own cache only); otherwise a bigger arena
+        takes every row."""
+        first = states[0]
+        joined = SharedKvState(
+            np.concatenate([st.lengths for st in states]),
+            np.concatenate([st.planned for st in states]),
+        )
+        arena = first.arena
+        if arena is not None and self._fits(arena, joined):
+            start, moving = first.batch_size, states[1:]
+        else:
+            rows = max(joined.batch_size, 2 * arena.rows if arena is not None else 0)
+            arena = self._new_arena(rows, self._capacity_for(joined, joined.length))
+            start, moving = 0, states
+        for st in moving:
+            _copy_rows(arena, st, list(range(st.batch_size)), start)
+            start += st.batch_size
+        self._view(joined, arena)
         return joined
 
     def select(self, state: SharedKvState, rows: list[int]) -> SharedKvState:
+        """Rows that stay where they are are not touched; a row that moves into a place left by
+        a finished job is copied there (the batch fills gaps from its end: `compacting_order`).
+        Any other order is copied into a new arena."""
         kept = SharedKvState(state.lengths[rows], state.planned[rows])
-        used = kept.length
-        self._allocate(kept, self._capacity_for(kept, used) if rows else 0)
-        for name, buffer in kept.buffers.items():
-            buffer[:, :, :used] = state.buffers[name][rows, :, :used]
+        if not rows or state.arena is None:
+            return kept
+        size = len(rows)
+        movers = [(place, row) for place, row in enumerate(rows) if row != place]
+        if len(set(rows)) == size and all(row >= size for _, row in movers):
+            arena = state.arena  # the movers' sources lie beyond every place written
+            for place, row in movers:
+                _copy_rows(arena, state, [row], place)
+        else:
+            arena = self._new_arena(size, self._capacity_for(kept, kept.length))
+            _copy_rows(arena, state, rows, 0)
+        self._view(kept, arena)
         return kept
 
     def _reserve(self, state: SharedKvState, needed: int) -> None:
         """Make room for `needed` tokens per row, keeping what the buffers hold."""
-        if needed <= state.capacity:
+        if state.arena is not None and needed <= state.arena.capacity:
             return
-        old, used = state.buffers, state.length
-        self._allocate(state, self._capacity_for(state, needed, grow_from=state.capacity))
-        for name, buffer in old.items():
-            state.buffers[name][:, :, :used] = buffer[:, :, :used]
+        rows = state.arena.rows if state.arena is not None else state.batch_size
+        grow_from = state.capacity
+        arena = self._new_arena(rows, self._capacity_for(state, needed, grow_from=grow_from))
+        if state.arena is not None:
+            _copy_rows(arena, state, list(range(state.batch_size)), 0)
+        self._view(state, arena)
+
+    def _fits(self, arena: KvArena, state: SharedKvState) -> bool:
+        planned = min(int(state.planned.max()), self._max_seq_len)
+        return state.batch_size <= arena.rows and max(state.length, planned) <= arena.capacity
 
     def _capacity_for(self, state: SharedKvState, needed: int, grow_from: int = 0) -> int:
         """Room for what the rows' jobs expect to reach (so a job's cache is not copied into a
@@ -175,12 +220,29 @@ class SharedKvCache:
         aligned = -(-wanted // _ALIGN) * _ALIGN
         return max(needed, min(aligned, self._max_seq_len))
 
-    def _allocate(self, state: SharedKvState, capacity: int) -> None:
-        # np.zeros maps fresh zero pages lazily: a large capacity costs memory only when written.
-        state.capacity = capacity
-        state.buffers = {
-            name: self._layout.empty(state.batch_size, capacity) for name in self._layout.past_names
-        }
+    def _new_arena(self, rows: int, capacity: int) -> KvArena:
+        # np.zeros maps fresh zero pages lazily: capacity and spare rows cost memory only when
+        # written.
+        buffers = {name: self._layout.empty(rows, capacity) for name in self._layout.past_names}
+        return KvArena(buffers, rows, capacity)
+
+    def _view(self, state: SharedKvState, arena: KvArena) -> None:
+        """Point `state` at the first rows of `arena` (a leading-axis slice: contiguous)."""
+        state.arena = arena
+        state.buffers = {name: buf[: state.batch_size] for name, buf in arena.buffers.items()}
         state.values = {
-            name: ort.OrtValue.ortvalue_from_numpy(buffer) for name, buffer in state.buffers.items()
+            name: ort.OrtValue.ortvalue_from_numpy(view) for name, view in state.buffers.items()
         }
+        state.decode = None
+
+
+def _copy_rows(arena: KvArena, source: SharedKvState, rows: list[int], start: int) -> None:
+    """Copy the used part of `source`'s `rows` into the arena's rows from `start` on."""
+    used = int(source.lengths[rows].max()) if rows else 0
+    if not used:
+        return
+    end = start + len(rows)
+    consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+    picked: slice | list[int] = slice(rows[0], rows[0] + len(rows)) if consecutive else rows
+    for name, buffer in arena.buffers.items():
+        buffer[start:end, :, :used] = source.buffers[name][picked, :, :used]

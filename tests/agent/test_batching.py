@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.batching import BatchGenerator
+from agent.batching import BatchGenerator, compacting_order
 from agent.generation import GenerationRequest, GenerationResult, SequenceRun, generate
 from agent.runtime import LoadedModel, load_model
 
@@ -70,3 +70,12 @@ def test_batched_greedy_equals_one_at_a_time(model: LoadedModel) -> None:
         assert got.token_ids == expected.token_ids, f"prompt {i} diverged in the batch"
         assert got.text == expected.text == "".join(streamed[i])
         assert got.finish_reason == expected.finish_reason
+
+
+def test_a_leaving_row_is_replaced_by_one_from_the_end() -> None:
+    """Survivors inside the smaller batch stay put; each gap takes a survivor from beyond it."""
+    assert compacting_order([1, 2, 3]) == [3, 1, 2]  # row 0 left: the last row takes its place
+    assert compacting_order([0, 2, 5]) == [0, 5, 2]  # rows 1, 3, 4 left
+    assert compacting_order([0, 1]) == [0, 1]  # the last rows left: nothing moves
+    assert compacting_order([4]) == [4]
+    assert compacting_order([]) == []

@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 from agent.backends.onnxruntime_backend import OnnxRuntimeBackend
+from agent.batching import compacting_order
 from build_engine.onnx_export import ExportResult
 from build_engine.quantize.common import load_model, save_model
 from build_engine.quantize.cpu import cpu_graph
@@ -104,9 +105,12 @@ def test_a_jobs_expected_length_is_allocated_up_front(
 def test_rows_of_different_lengths_batch_without_padding(
     rewritten: tuple[Path, dict[str, Any]],
 ) -> None:
+    """Rows of 5, 40, 90 and 12 tokens join a running batch at different steps and leave when
+    done: every row's logits stay those of the row alone. A join copies into a spare row of the
+    batch's arena when it has one; a leave moves at most the last row into the place it frees."""
     backend = _backend(rewritten[0])
-    prompts = [_tokens(10, 5), _tokens(11, 40), _tokens(12, 90)]
-    forced = [_tokens(20 + r, FORCED) for r in range(3)]
+    prompts = [_tokens(10, 5), _tokens(11, 40), _tokens(12, 90), _tokens(13, 12)]
+    forced = [_tokens(20 + r, FORCED + 5 * r) for r in range(4)]
     alone = []
     for prompt, tokens in zip(prompts, forced, strict=True):
         single = backend.new_state(1)
@@ -114,18 +118,21 @@ def test_rows_of_different_lengths_batch_without_padding(
         steps += [backend.decode(single, np.array([t]))[0] for t in tokens[:-1]]
         alone.append(steps)
 
-    join_at = {0: 0, 1: 3, 2: 7}  # global step at which each row's prompt is prefilled
+    join_at = {0: 0, 1: 3, 2: 7, 3: 9}  # global step at which each row's prompt is prefilled
     rows: list[int] = []
-    done = {r: 0 for r in range(3)}  # logits rows checked so far
+    done = {r: 0 for r in range(4)}  # logits rows checked so far
+    same_arena: list[tuple[str, bool]] = []
     state: Any = None
-    for step in range(60):
+    for step in range(80):
         for r, at in join_at.items():
             if at == step:
-                own = backend.new_state(1)
+                own = backend.new_state(1, expected_length=len(prompts[r]) + len(forced[r]))
                 logits = backend.prefill(own, prompts[r][None, :])
                 assert np.abs(logits[0] - alone[r][0]).max() < TOLERANCE
                 done[r] = 1
+                before = state.arena if state is not None else None
                 state = own if state is None else backend.concat([state, own])
+                same_arena.append(("join", state.arena is before))
                 rows.append(r)
         if not rows:
             break
@@ -133,11 +140,17 @@ def test_rows_of_different_lengths_batch_without_padding(
         for i, r in enumerate(rows):
             assert np.abs(logits[i] - alone[r][done[r]]).max() < TOLERANCE, (r, done[r])
             done[r] += 1
-        keep = [i for i, r in enumerate(rows) if done[r] < FORCED]
+        keep = [i for i, r in enumerate(rows) if done[r] < len(forced[r])]
         if len(keep) < len(rows):  # finished rows leave; the others keep their caches
-            rows = [rows[i] for i in keep]
-            state = backend.select(state, keep) if keep else None
-    assert done == {0: FORCED, 1: FORCED, 2: FORCED}
+            order = compacting_order(keep)
+            rows = [rows[i] for i in order]
+            before = state.arena
+            state = backend.select(state, order) if order else None
+            if state is not None:
+                same_arena.append(("leave", state.arena is before))
+    assert done == {r: len(forced[r]) for r in range(4)}
+    # Arenas of 1, 2 and 4 rows; the fourth row joins into the spare one; no leave reallocates.
+    assert same_arena == [("join", False)] * 3 + [("join", True)] + [("leave", True)] * 3
 
 
 def test_a_graph_it_does_not_know_is_left_as_it_was(tiny_export: ExportResult) -> None:
