@@ -126,9 +126,14 @@ def _bench(args: argparse.Namespace) -> int:
         mqtt=args.mqtt or args.broker is not None,
         broker=args.broker,
     )
-    results = run_bench(args.bundle, settings, peers)
+    results = run_bench(args.bundle, settings, peers, progress=_progress_to_stderr)
     print(to_json(results, settings) if args.json else format_table(results))
     return 1 if any("error" in r for r in results) else 0
+
+
+def _progress_to_stderr(line: str) -> None:
+    """Progress of long commands goes to stderr: stdout stays the table or the JSON."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

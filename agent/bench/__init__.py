@@ -15,6 +15,8 @@ import json
 import multiprocessing
 import resource
 import statistics
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,7 @@ def _contestant_child(
             return
         ttfts.append(ttft_ms)
         rates.append(rate)
-        out.put({"ran": True})
+        out.put({"ran": True, "ttft_ms": ttft_ms, "decode_tokens_per_s": rate})
     try:
         extras = contestant.extras()
     except Exception as exc:  # the row keeps its run figures and says what failed after them
@@ -95,6 +97,8 @@ def _label(kind: str, what: Any) -> str:
 
 @dataclass
 class _Child:
+    label: str
+    is_bundle: bool  # bundles also get the N-jobs and MQTT figures after the runs
     process: Any
     commands: Any
     out: Any
@@ -102,16 +106,22 @@ class _Child:
 
 
 def run_bench(
-    bundles: list[Path], settings: BenchSettings, peers: list[Peer] | None = None
+    bundles: list[Path],
+    settings: BenchSettings,
+    peers: list[Peer] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Benchmark each bundle and each peer (its prompt tokenized by the first bundle's
-    tokenizer: the same ids for everyone), each in its own process, runs interleaved."""
+    tokenizer: the same ids for everyone), each in its own process, runs interleaved.
+    `progress` gets a line per load, per run and per contestant's after-run figures."""
+    say = progress or (lambda _line: None)
     context = multiprocessing.get_context("spawn")
     specs: list[tuple[str, Any]] = [("bundle", str(b)) for b in bundles]
     specs += [("peer", (peer, str(bundles[0]))) for peer in peers or []]
     children = []
     for spec in specs:  # loaded one at a time: a load never competes with another's
-        child = _Child(None, context.Queue(), context.Queue())
+        child = _Child(_label(*spec), spec[0] == "bundle", None, context.Queue(), context.Queue())
+        started = time.perf_counter()
         child.process = context.Process(
             target=_contestant_child, args=(spec, settings, child.commands, child.out)
         )
@@ -119,20 +129,37 @@ def run_bench(
         reply = child.out.get()
         if "ready" not in reply:
             child.result = reply
+            say(f"load {child.label}: {reply.get('error', 'failed')}")
+        else:
+            say(f"load {child.label}: ready in {time.perf_counter() - started:.1f} s")
         children.append(child)
-    for _ in range(settings.runs):
+    for round_no in range(1, settings.runs + 1):
         for child in children:
             if child.result is None:
                 child.commands.put(_RUN)
                 reply = child.out.get()
                 if "ran" not in reply:
                     child.result = reply
+                    say(f"run {round_no}/{settings.runs} {child.label}: {reply.get('error')}")
+                    continue
+                say(
+                    f"run {round_no}/{settings.runs} {child.label}: "
+                    f"TTFT {reply['ttft_ms']:.0f} ms, {reply['decode_tokens_per_s']:.1f} tok/s"
+                )
     for child in children:
         if child.result is None:
+            if child.is_bundle and (settings.concurrency > 1 or settings.mqtt):
+                say(f"{child.label}: measuring {_after_runs(settings)}")
             child.commands.put(_FINISH)
             child.result = child.out.get()
         child.process.join()
     return [child.result or {} for child in children]
+
+
+def _after_runs(settings: BenchSettings) -> str:
+    parts = [f"{settings.concurrency} jobs at once vs one"] if settings.concurrency > 1 else []
+    parts += ["the same job over MQTT vs direct"] if settings.mqtt else []
+    return ", and ".join(parts)
 
 
 def format_table(results: list[dict[str, Any]]) -> str:

@@ -24,6 +24,13 @@ def test_bench_reports_medians_per_bundle(default_bundle: Path) -> None:
     assert figures["peak_rss_mb"] > 100 and figures["precision"] == "fp32"
     assert figures["concurrency"] == 2
     assert figures["aggregate_tokens_per_s"] > 0 and figures["single_tokens_per_s"] > 0
+    # Progress goes to stderr (stdout stays the JSON): the load, each run, the N-jobs figures.
+    progress = [line for line in result.stderr.splitlines() if str(default_bundle) in line]
+    assert progress[0].startswith(f"load {default_bundle}: ready in ")
+    assert [line.split(":")[0] for line in progress[1:3]] == [
+        f"run {r}/2 {default_bundle}" for r in (1, 2)
+    ]
+    assert "tok/s" in progress[1] and "2 jobs at once vs one" in progress[3]
 
 
 def test_bench_table_and_a_broken_bundle(default_bundle: Path, tmp_path: Path) -> None:
