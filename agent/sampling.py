@@ -37,7 +37,7 @@ class Sampler:
     def choose(self, logits: npt.NDArray[np.floating]) -> int:
         """Pick a token from one row of logits ([vocab])."""
         if self.params.greedy:
-            return int(np.argmax(logits))
+            return int(logits.argmax())
         scaled = logits.astype(np.float64) / self.params.temperature
         candidates = _top_k_indices(scaled, self.params.top_k)
         cand_logits = scaled[candidates]

@@ -40,11 +40,12 @@ class DecodeBinding:
     logits: np.ndarray  # [B, 1, vocab], written by each run
     values: list[ort.OrtValue]  # keep the bound wrappers alive as long as the binding
 
-    def step(self, token_ids: np.ndarray, lengths: np.ndarray) -> None:
-        """Set up the next run: one new token per row on top of `lengths` cached tokens."""
+    def step(self, token_ids: np.ndarray, lengths: np.ndarray, longest: int) -> None:
+        """Set up the next run: one new token per row on top of `lengths` cached tokens (the
+        longest row holds `longest`)."""
         self.input_ids[:, 0] = token_ids
         self.seqlens[:] = lengths
-        self.total[()] = lengths.max() + 1
+        self.total[()] = longest + 1
 
 
 @dataclass
@@ -112,10 +113,12 @@ class SharedKvCache:
         state: SharedKvState,
         vocab: int,
         constants: dict[str, np.ndarray],
+        longest: int,
     ) -> DecodeBinding:
         """The batch's reusable decode binding (rebuilt only when the buffers grow), `constants`
-        bound as inputs once: per step, ~120 bind calls and the output wrappers disappear."""
-        self._reserve(state, int(state.lengths.max()) + 1)
+        bound as inputs once: per step, ~120 bind calls and the output wrappers disappear.
+        `longest` is the longest row's length now, one token short of what the step needs."""
+        self._reserve(state, longest + 1)
         cached = state.decode
         if cached is None:  # a new state, or its buffers moved to a bigger arena
             batch = state.batch_size
@@ -154,7 +157,7 @@ class SharedKvCache:
 
     def advance(self, state: SharedKvState, presents: list[ort.OrtValue], new: int) -> None:
         del presents  # written in place, into the buffers bound as both past and present
-        state.lengths = state.lengths + new
+        state.lengths += new  # each state owns its lengths array (select and concat copy)
 
     def concat(self, states: list[SharedKvState]) -> SharedKvState:
         """The first state's arena takes the others' rows when it has room for them (a job

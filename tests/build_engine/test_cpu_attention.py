@@ -14,6 +14,7 @@ import pytest
 
 from agent.backends.onnxruntime_backend import OnnxRuntimeBackend
 from agent.batching import compacting_order
+from agent.errors import EngineError
 from build_engine.onnx_export import ExportResult
 from build_engine.quantize.common import load_model, save_model
 from build_engine.quantize.cpu import cpu_graph
@@ -100,6 +101,21 @@ def test_a_jobs_expected_length_is_allocated_up_front(
     for token in _tokens(5, 57):  # past what the job said: 257 tokens
         backend.decode(planned, np.array([token]))
     assert planned.capacity == 512
+
+
+def test_a_full_context_or_a_wrong_batch_is_an_engine_error(
+    rewritten: tuple[Path, dict[str, Any]],
+) -> None:
+    backend = OnnxRuntimeBackend(rewritten[0], max_seq_len=72, providers=CPU)
+    state = backend.new_state(1)
+    backend.prefill(state, _tokens(6, 70)[None, :])
+    with pytest.raises(EngineError, match="2 tokens given to a batch of 1"):
+        backend.decode(state, np.array([5, 6]))
+    backend.decode(state, np.array([5]))
+    backend.decode(state, np.array([6]))
+    with pytest.raises(EngineError, match="context full: 72 \\+ 1 tokens > 72"):
+        backend.decode(state, np.array([7]))
+    assert state.length == 72  # a refused step leaves the cache as it was
 
 
 def test_rows_of_different_lengths_batch_without_padding(
