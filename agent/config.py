@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from agent.batching import PREFILL_CHUNK
 from agent.errors import ConfigError
 from agent.jobs import JOB_ID_RE
 from agent.telemetry.config import TelemetryConfig, validate_telemetry
@@ -48,6 +49,9 @@ class MqttConfig:
 class JobsConfig:
     queue_size: int = 32
     max_batch: int = 8  # jobs decoded together (continuous batching)
+    # Prompt tokens prefilled per step while other jobs decode (0 = every prompt whole): a long
+    # prompt then delays the running jobs' next token by one chunk, not by its whole prefill.
+    prefill_chunk: int = PREFILL_CHUNK
     default_max_tokens: int = 256
     max_tokens_limit: int = 2048
     max_payload_bytes: int = 256 * 1024
@@ -190,6 +194,11 @@ def validate(config: AgentConfig) -> AgentConfig:
     if min(config.jobs.queue_size, config.jobs.max_tokens_limit, config.jobs.max_batch) < 1:
         raise ConfigError(
             "bad_config", "jobs.queue_size, jobs.max_tokens_limit and jobs.max_batch must be >= 1"
+        )
+    if config.jobs.prefill_chunk < 0:
+        raise ConfigError(
+            "bad_config",
+            f"jobs.prefill_chunk must be >= 0 (0 = prompts whole), got {config.jobs.prefill_chunk}",
         )
     validate_telemetry(config.telemetry)
     validate_tls(config.mqtt)

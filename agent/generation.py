@@ -164,6 +164,14 @@ class SequenceRun:
             self.finish = "length"
         return self.finish is not None
 
+    def stop_if_interrupted(self) -> bool:
+        """Between two chunks of a long prompt: True, and finished, once the job is cancelled
+        or past its deadline (the check `accept` makes after every token)."""
+        reason = self._interrupt() if self._interrupt else None
+        if reason is not None:
+            self.finish = reason
+        return reason is not None
+
     def result(self) -> GenerationResult:
         """Flush what is held back and describe the finished sequence."""
         if not self._hit_stop:

@@ -361,7 +361,8 @@ class AgentService:
                 continue
             if batch is None:
                 limit = model.backend.info.max_batch or self.config.jobs.max_batch
-                batch = BatchGenerator(model.backend, min(limit, self.config.jobs.max_batch))
+                rows = min(limit, self.config.jobs.max_batch)
+                batch = BatchGenerator(model.backend, rows, self.config.jobs.prefill_chunk)
             admitting = self._pending_model is None and not self._stop_worker.is_set()
             while admitting and batch.free_slots > 0:
                 job = self.queue.get(timeout=0.5 if batch.idle else 0.0)

@@ -53,6 +53,15 @@ def test_bad_settings_name_the_key(tmp_path: Path, mqtt: str, message: str) -> N
     assert message in raised.value.message
 
 
+def test_prefill_chunk_is_read_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text("[jobs]\nprefill_chunk = 64\n")
+    assert load_config(path).jobs.prefill_chunk == 64
+    path.write_text("[jobs]\nprefill_chunk = -1\n")
+    with pytest.raises(ConfigError, match=r"jobs\.prefill_chunk must be >= 0"):
+        load_config(path)
+
+
 def test_reply_topics_allow_only_their_space() -> None:
     topics = Topics("edgellm", "orin-01", ("{prefix}/{device}/results/#", "ops/+/inbox"))
     assert topics.allowed_replies == ["edgellm/orin-01/results/#", "ops/+/inbox"]
