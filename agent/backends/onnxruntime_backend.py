@@ -80,7 +80,6 @@ class OnnxRuntimeBackend:
         self.shared_kv = SEQLENS_INPUT in input_names
         self._shared = SharedKvCache(layout, max_seq_len) if self.shared_kv else None
         self._kv: _KvCache = self._shared or PastPresentCache(layout, input_names)
-        self._present_names = layout.present_names
         self._logits_start = LOGITS_START_INPUT in input_names
         # Inputs a decode step binds once and never changes (the lm_head's last position).
         self._constants = {LOGITS_START_INPUT: _LAST.copy()} if self._logits_start else {}
@@ -122,11 +121,7 @@ class OnnxRuntimeBackend:
     ) -> Logits:
         """One token per row on the shared-KV graph, through the batch's reusable binding. The
         hot path of decoding: each numpy call here costs ~10 us (its data is cold after a run)."""
-        if len(token_ids) != state.batch_size:
-            raise EngineError(f"{len(token_ids)} tokens given to a batch of {state.batch_size}")
-        longest = int(state.lengths.max())
-        if longest >= self.info.max_seq_len:
-            raise EngineError(f"context full: {longest} + 1 tokens > {self.info.max_seq_len}")
+        longest = self._check_room(state, len(token_ids), 1)
         vocab, constants = self.info.vocab_size, self._constants
         step = shared.decode_binding(self._session, state, vocab, constants, longest)
         step.step(token_ids, state.lengths, longest)
@@ -137,13 +132,19 @@ class OnnxRuntimeBackend:
         shared.advance(state, [], 1)
         return step.logits[:, -1, :].copy()
 
-    def _step(self, state: Any, input_ids: TokenIds, all_positions: bool) -> Logits:
-        batch, new = input_ids.shape
-        if batch != state.batch_size:
-            raise EngineError(f"batch of {batch} rows given to a state of {state.batch_size}")
-        longest = self._kv.longest(state)
+    def _check_room(self, state: Any, rows: int, new: int) -> int:
+        """Refuse a step whose rows do not match the state or that overflows the context; the
+        longest row's length before the step."""
+        if rows != state.batch_size:
+            raise EngineError(f"{rows} rows of tokens given to a batch of {state.batch_size}")
+        longest = int(self._kv.longest(state))
         if longest + new > self.info.max_seq_len:
             raise EngineError(f"context full: {longest} + {new} tokens > {self.info.max_seq_len}")
+        return longest
+
+    def _step(self, state: Any, input_ids: TokenIds, all_positions: bool) -> Logits:
+        batch, new = input_ids.shape
+        self._check_room(state, batch, new)
         binding = self._session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         if self._logits_start:  # the lm_head runs for the last position only, unless asked

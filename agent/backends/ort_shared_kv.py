@@ -176,7 +176,7 @@ class SharedKvCache:
             arena = self._new_arena(rows, self._capacity_for(joined, joined.length))
             start, moving = 0, states
         for st in moving:
-            _copy_rows(arena, st, list(range(st.batch_size)), start)
+            _copy_rows(arena, st, start)
             start += st.batch_size
         self._view(joined, arena)
         return joined
@@ -193,10 +193,10 @@ class SharedKvCache:
         if len(set(rows)) == size and all(row >= size for _, row in movers):
             arena = state.arena  # the movers' sources lie beyond every place written
             for place, row in movers:
-                _copy_rows(arena, state, [row], place)
+                _copy_rows(arena, state, place, [row])
         else:
             arena = self._new_arena(size, self._capacity_for(kept, kept.length))
-            _copy_rows(arena, state, rows, 0)
+            _copy_rows(arena, state, 0, rows)
         self._view(kept, arena)
         return kept
 
@@ -208,12 +208,12 @@ class SharedKvCache:
         grow_from = state.capacity
         arena = self._new_arena(rows, self._capacity_for(state, needed, grow_from=grow_from))
         if state.arena is not None:
-            _copy_rows(arena, state, list(range(state.batch_size)), 0)
+            _copy_rows(arena, state, 0)
         self._view(state, arena)
 
     def _fits(self, arena: KvArena, state: SharedKvState) -> bool:
-        planned = min(int(state.planned.max()), self._max_seq_len)
-        return state.batch_size <= arena.rows and max(state.length, planned) <= arena.capacity
+        wanted = self._capacity_for(state, state.length)
+        return state.batch_size <= arena.rows and wanted <= arena.capacity
 
     def _capacity_for(self, state: SharedKvState, needed: int, grow_from: int = 0) -> int:
         """Room for what the rows' jobs expect to reach (so a job's cache is not copied into a
@@ -239,13 +239,16 @@ class SharedKvCache:
         state.decode = None
 
 
-def _copy_rows(arena: KvArena, source: SharedKvState, rows: list[int], start: int) -> None:
-    """Copy the used part of `source`'s `rows` into the arena's rows from `start` on."""
-    used = int(source.lengths[rows].max()) if rows else 0
+def _copy_rows(
+    arena: KvArena, source: SharedKvState, start: int, rows: list[int] | None = None
+) -> None:
+    """Copy the used part of `source`'s `rows` (all of them, in order, by default) into the
+    arena's rows from `start` on."""
+    picked: slice | list[int] = slice(None) if rows is None else rows
+    lengths = source.lengths[picked]
+    used = int(lengths.max()) if lengths.size else 0
     if not used:
         return
-    end = start + len(rows)
-    consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-    picked: slice | list[int] = slice(rows[0], rows[0] + len(rows)) if consecutive else rows
+    end = start + len(lengths)
     for name, buffer in arena.buffers.items():
         buffer[start:end, :, :used] = source.buffers[name][picked, :, :used]

@@ -109,7 +109,7 @@ def test_a_full_context_or_a_wrong_batch_is_an_engine_error(
     backend = OnnxRuntimeBackend(rewritten[0], max_seq_len=72, providers=CPU)
     state = backend.new_state(1)
     backend.prefill(state, _tokens(6, 70)[None, :])
-    with pytest.raises(EngineError, match="2 tokens given to a batch of 1"):
+    with pytest.raises(EngineError, match="2 rows of tokens given to a batch of 1"):
         backend.decode(state, np.array([5, 6]))
     backend.decode(state, np.array([5]))
     backend.decode(state, np.array([6]))
