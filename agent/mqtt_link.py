@@ -34,6 +34,9 @@ class Incoming:
     payload: bytes
     response_topic: str | None
     correlation_data: bytes | None
+    # The broker's DUP flag: a QoS 1 message sent again because our acknowledgement did not
+    # reach it (a broker restart, a dropped connection), not a new request from the sender.
+    redelivered: bool = False
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ class MqttLink:
             payload=bytes(message.payload),
             response_topic=response_topic if isinstance(response_topic, str) else None,
             correlation_data=bytes(correlation) if correlation is not None else None,
+            redelivered=bool(getattr(message, "dup", False)),
         )
         try:
             self._handler(incoming)

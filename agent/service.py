@@ -249,7 +249,8 @@ class AgentService:
                 f"device answers only on topics matching {', '.join(self.topics.allowed_replies)}",
             )
             return
-        self._admit(request, reply or Reply(self.topics.results(request.id)), message.payload)
+        reply = reply or Reply(self.topics.results(request.id))
+        self._admit(request, reply, message.payload, message.redelivered)
 
     def _reply_for(self, message: Incoming) -> Reply | None:
         topic = message.response_topic
@@ -257,7 +258,9 @@ class AgentService:
             return None
         return Reply(topic, message.correlation_data)
 
-    def _admit(self, request: JobRequest, reply: Reply, payload: bytes) -> None:
+    def _admit(
+        self, request: JobRequest, reply: Reply, payload: bytes, redelivered: bool = False
+    ) -> None:
         stored = self.results.get(request.id) or self._journal_answer(request.id)
         if stored is not None:
             self._publish(reply, stored)
@@ -272,6 +275,9 @@ class AgentService:
             )
             return
         if self._is_active(request.id):
+            if redelivered:  # the transport's at-least-once: the job's one answer will follow
+                log.info("job %s delivered again by the broker while active: ignored", request.id)
+                return
             self._send_error(
                 reply, request.id, "duplicate", f"job {request.id!r} is already queued or running"
             )

@@ -15,6 +15,7 @@ from agent.backends.base import Backend, BackendInfo, Logits, TokenIds
 from agent.backends.onnxruntime_backend import OnnxRuntimeBackend
 from agent.errors import EngineError
 from agent.jobs import InvalidPayload, RequestLimits, parse_job
+from agent.mqtt_link import Incoming
 from agent.runtime import ONNX_MODEL_FILE, LoadedModel
 from agent.service import AgentService
 from tests.conftest import MqttProbe
@@ -218,9 +219,14 @@ def test_queue_full_duplicate_and_stored_answer(
     assert refused[0]["error"]["code"] == "queue_full"
     duplicate = ask(probe, service, {"id": "long-b", "messages": CAPITAL})
     assert duplicate[0]["error"]["code"] == "duplicate"
+    # The broker sending long-b again (DUP: our PUBACK was lost) is not a second request: no
+    # `duplicate` error, the job's one answer follows.
+    redelivery = json.dumps({"id": "long-b", "messages": CAPITAL, "max_tokens": 4}).encode()
+    service.handle_message(Incoming(service.topics.jobs, redelivery, None, None, redelivered=True))
     probe.publish(service.topics.cancel, {"id": "long-a"})
     assert wait_for_event(probe, running, "done")["finish_reason"] == "cancelled"
-    first = wait_for_event(probe, queued, "done")
+    first = probe.next(30, queued).json()
+    assert first["event"] == "done"
     # Asked again once answered: the stored answer, identical, not recomputed.
     again = ask(probe, service, {"id": "long-b", "messages": CAPITAL, "max_tokens": 4})
     assert again == [first]
