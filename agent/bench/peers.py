@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.bench.workload import BenchSettings, Contestant, rate_after_first
+from agent.ort_telemetry import disable_ort_telemetry
 
 LLAMA_CPP = "llama.cpp"
 ORT_GENAI = "onnxruntime-genai"
@@ -140,6 +141,7 @@ def _llama_cpp(
 def _ort_genai(
     model_dir: Path, prompt_ids: list[int], settings: BenchSettings, threads: int
 ) -> tuple[RunTokens, str]:
+    disable_ort_telemetry()  # its own ONNX Runtime: the same 1DS telemetry
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
@@ -173,6 +175,8 @@ def _ort_loop(
     bundle: Path, prompt_ids: list[int], settings: BenchSettings, threads: int
 ) -> tuple[RunTokens, str]:
     import numpy as np
+
+    disable_ort_telemetry()  # before the first import of onnxruntime in this worker
     import onnxruntime as ort
 
     options = ort.SessionOptions()
