@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -42,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
         bundle=args.bundle,
         state_dir=args.state_dir,
     )
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    _check_state_dir(config.state_dir)
     log.info("edge-agent %s, device %s", __version__, config.device_id)
     probation = ProbationGuard(
         config.state_dir, config.ota.probation_crashes, config.ota.probation_window_s
@@ -110,6 +111,24 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_state_dir(state_dir: Path) -> None:
+    """The journal, the OTA slots and the probation record all live here: a directory the agent
+    cannot write (a read-only mount, a path under a file) is a config error, said in one line
+    before anything starts, not a traceback from whichever write happens first."""
+    probe = state_dir / f".edge-agent-probe-{os.getpid()}"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            "bad_state_dir",
+            f"the state dir {state_dir} is not writable ({reason}): point --state-dir or "
+            "[state] dir at a writable directory",
+        ) from exc
+
+
 def _bench(args: argparse.Namespace) -> int:
     from agent.bench import BenchSettings, format_table, parse_peer, run_bench, to_json
 
@@ -126,9 +145,20 @@ def _bench(args: argparse.Namespace) -> int:
         mqtt=args.mqtt or args.broker is not None,
         broker=args.broker,
     )
-    results = run_bench(args.bundle, settings, peers, progress=_progress_to_stderr)
+    # SIGTERM becomes an exception like SIGINT's KeyboardInterrupt, so that run_bench unwinds
+    # and ends its worker processes instead of leaving them running.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        results = run_bench(args.bundle, settings, peers, progress=_progress_to_stderr)
+    except KeyboardInterrupt:
+        print("edge-agent: bench interrupted; its workers were stopped", file=sys.stderr)
+        return 130
     print(to_json(results, settings) if args.json else format_table(results))
     return 1 if any("error" in r for r in results) else 0
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _progress_to_stderr(line: str) -> None:

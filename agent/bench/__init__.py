@@ -11,10 +11,15 @@ rounds (each is itself a paired comparison inside one process).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
+import os
+import queue
 import resource
+import signal
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,12 +32,31 @@ from agent.bench.workload import BenchSettings, Contestant
 __all__ = ["BenchSettings", "Peer", "format_table", "parse_peer", "run_bench", "to_json"]
 
 _RUN, _FINISH = "run", "finish"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_STOP_GRACE_S = 10.0  # a worker's time to unwind (stop its private broker) before SIGKILL
+
+
+def _raise_system_exit(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _end_with_parent(parent_pid: int) -> None:
+    """A worker must never outlive the bench: SIGTERM on SIGTERM (unwinding, so that `finally`
+    blocks stop what it started), and on Linux the same when the bench dies without a word
+    (SIGKILL, a crash), via PR_SET_PDEATHSIG."""
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the bench died before the backstop was in place
+        raise SystemExit(1)
 
 
 def _contestant_child(
-    spec: tuple[str, Any], settings: BenchSettings, commands: Any, out: Any
+    spec: tuple[str, Any], settings: BenchSettings, commands: Any, out: Any, parent_pid: int
 ) -> None:
     """Load one contestant, then answer the parent: a run per "run", the figures at "finish"."""
+    _end_with_parent(parent_pid)
     kind, what = spec
     failed = {"bundle": _label(kind, what)}
     try:
@@ -118,42 +142,79 @@ def run_bench(
     context = multiprocessing.get_context("spawn")
     specs: list[tuple[str, Any]] = [("bundle", str(b)) for b in bundles]
     specs += [("peer", (peer, str(bundles[0]))) for peer in peers or []]
-    children = []
-    for spec in specs:  # loaded one at a time: a load never competes with another's
-        child = _Child(_label(*spec), spec[0] == "bundle", None, context.Queue(), context.Queue())
-        started = time.perf_counter()
-        child.process = context.Process(
-            target=_contestant_child, args=(spec, settings, child.commands, child.out)
-        )
-        child.process.start()
-        reply = child.out.get()
-        if "ready" not in reply:
-            child.result = reply
-            say(f"load {child.label}: {reply.get('error', 'failed')}")
-        else:
-            say(f"load {child.label}: ready in {time.perf_counter() - started:.1f} s")
-        children.append(child)
-    for round_no in range(1, settings.runs + 1):
+    children: list[_Child] = []
+    try:
+        for spec in specs:  # loaded one at a time: a load never competes with another's
+            child = _Child(
+                _label(*spec), spec[0] == "bundle", None, context.Queue(), context.Queue()
+            )
+            started = time.perf_counter()
+            child.process = context.Process(
+                target=_contestant_child,
+                args=(spec, settings, child.commands, child.out, os.getpid()),
+            )
+            children.append(child)  # before start: whatever happens next, it is ended
+            child.process.start()
+            reply = _reply(child)
+            if "ready" not in reply:
+                child.result = reply
+                say(f"load {child.label}: {reply.get('error', 'failed')}")
+            else:
+                say(f"load {child.label}: ready in {time.perf_counter() - started:.1f} s")
+        for round_no in range(1, settings.runs + 1):
+            for child in children:
+                if child.result is None:
+                    child.commands.put(_RUN)
+                    reply = _reply(child)
+                    if "ran" not in reply:
+                        child.result = reply
+                        say(f"run {round_no}/{settings.runs} {child.label}: {reply.get('error')}")
+                        continue
+                    say(
+                        f"run {round_no}/{settings.runs} {child.label}: "
+                        f"TTFT {reply['ttft_ms']:.0f} ms, {reply['decode_tokens_per_s']:.1f} tok/s"
+                    )
         for child in children:
             if child.result is None:
-                child.commands.put(_RUN)
-                reply = child.out.get()
-                if "ran" not in reply:
-                    child.result = reply
-                    say(f"run {round_no}/{settings.runs} {child.label}: {reply.get('error')}")
-                    continue
-                say(
-                    f"run {round_no}/{settings.runs} {child.label}: "
-                    f"TTFT {reply['ttft_ms']:.0f} ms, {reply['decode_tokens_per_s']:.1f} tok/s"
-                )
-    for child in children:
-        if child.result is None:
-            if child.is_bundle and (settings.concurrency > 1 or settings.mqtt):
-                say(f"{child.label}: measuring {_after_runs(settings)}")
-            child.commands.put(_FINISH)
-            child.result = child.out.get()
-        child.process.join()
+                if child.is_bundle and (settings.concurrency > 1 or settings.mqtt):
+                    say(f"{child.label}: measuring {_after_runs(settings)}")
+                child.commands.put(_FINISH)
+                child.result = _reply(child)
+            child.process.join()
+    finally:  # normal end, an error, SIGINT, SIGTERM (made an exception by the caller)
+        _end_workers(children)
     return [child.result or {} for child in children]
+
+
+def _reply(child: _Child) -> dict[str, Any]:
+    """The worker's next message; an error row if it died instead (killed, out of memory)
+    rather than waiting forever for a message that will never come."""
+    while True:
+        try:
+            reply: dict[str, Any] = child.out.get(timeout=1.0)
+            return reply
+        except queue.Empty:
+            if not child.process.is_alive():
+                code = child.process.exitcode
+                how = f"signal {-code}" if code is not None and code < 0 else f"code {code}"
+                return {"bundle": child.label, "error": f"its worker process ended ({how})"}
+
+
+def _end_workers(children: list[_Child]) -> None:
+    """Every worker still running gets SIGTERM, then SIGKILL after a grace period."""
+    running = [c.process for c in children if c.process is not None and c.process.pid]
+    for process in running:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + _STOP_GRACE_S
+    for process in running:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+    for child in children:  # nothing left to read what we queued for them
+        child.commands.cancel_join_thread()
+        child.out.cancel_join_thread()
 
 
 def _after_runs(settings: BenchSettings) -> str:
