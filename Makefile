@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 MOSQUITTO := $(shell command -v mosquitto || ls /usr/sbin/mosquitto 2>/dev/null)
 SHELLCHECK := $(shell command -v shellcheck)
+STRACE := $(shell command -v strace)
+MISSING_TOOLS := $(if $(SHELLCHECK),,shellcheck) $(if $(STRACE),,strace)
+MISSING_TOOLS := $(strip $(MISSING_TOOLS))
 
 .PHONY: demo test lint typecheck setup mosquitto test-tools clean
 
@@ -42,11 +45,12 @@ ifeq ($(MOSQUITTO),)
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto
 endif
 
-# shellcheck for the tests of jetson/*.sh (systemd-analyze and openssl come with Debian).
+# shellcheck for the tests of jetson/*.sh (systemd-analyze and openssl come with Debian), strace
+# for the tests that read the agent's and the build's own system calls (nothing leaves the site).
 test-tools:
-ifeq ($(SHELLCHECK),)
+ifneq ($(MISSING_TOOLS),)
 	$(SUDO) apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq shellcheck
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(MISSING_TOOLS)
 endif
 
 clean:
