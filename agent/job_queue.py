@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.jobs import JobRequest
+from agent.outbox import JobStream
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,12 @@ class Job:
     request: JobRequest
     prompt_ids: list[int]
     reply: Reply
+    events: JobStream  # where its accepted/delta/final events go, in order, never dropped
     received: float = field(default_factory=time.monotonic)  # monotonic seconds
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    # Run again from the journal after the agent stopped: its events carry `"restarted": true`,
+    # so a client can tell deltas from `seq` 0 again from a bug.
+    restarted: bool = False
 
     @property
     def id(self) -> str:

@@ -73,17 +73,42 @@ class JobRequest:
         return [{"role": r, "content": c} for r, c in self.messages or ()]
 
 
+MAX_CANCEL_BYTES = 1024  # {"id": <128 characters>} with room for whitespace
+MAX_OTA_COMMAND_BYTES = 64 * 1024
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys repeat is refused: JSON parsers disagree on which value wins, so a
+    gateway and this device could each read a different request from the same bytes."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(f"payload repeats the key {key[:64]!r} in one object")
+            seen.add(key)
+    return data
+
+
+def check_size(payload: bytes, limit: int, what: str) -> None:
+    """Refuse an oversize payload before any parsing: the cost of a refusal stays bounded."""
+    if len(payload) > limit:
+        raise InvalidPayload(
+            "invalid_request", f"{what} is {len(payload)} bytes; the limit is {limit}"
+        )
+
+
 def parse_job(payload: bytes, limits: RequestLimits) -> JobRequest:
     """Validate one job payload. Raises InvalidPayload with the contract's error code."""
-    if len(payload) > limits.max_payload_bytes:
-        raise InvalidPayload(
-            "invalid_request",
-            f"payload is {len(payload)} bytes; the limit is {limits.max_payload_bytes}",
-        )
+    check_size(payload, limits.max_payload_bytes, "payload")
     data = decode_json_object(payload)
     job_id = data.get("id")
     if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
@@ -103,7 +128,9 @@ def decode_json_object(payload: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise InvalidPayload("invalid_json", f"payload is not UTF-8: {exc.reason}") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise InvalidPayload("invalid_json", f"{exc}: send each key once") from None
     except (ValueError, RecursionError) as exc:
         # ValueError covers JSONDecodeError, NaN/Infinity and integers past Python's digit limit.
         raise InvalidPayload("invalid_json", f"payload is not valid JSON: {exc}") from None
@@ -229,6 +256,7 @@ def _parse_stop(raw: Any) -> tuple[str, ...]:
 
 def parse_cancel(payload: bytes) -> str:
     """A cancel request: `{"id": ...}`. Returns the job id."""
+    check_size(payload, MAX_CANCEL_BYTES, "a cancel request")
     data = decode_json_object(payload)
     job_id = data.get("id")
     if set(data) != {"id"} or not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):

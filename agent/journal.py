@@ -36,7 +36,7 @@ from agent.errors import AgentError
 log = logging.getLogger(__name__)
 
 JOURNAL_FILE = "journal.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: acked_at
 JobState = Literal["accepted", "started", "done", "failed"]
 
 _SCHEMA = """
@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at     REAL,
     attempts       INTEGER NOT NULL DEFAULT 0,
     answered_at    REAL,
-    answer         TEXT                 -- the final event (done or error), JSON
+    answer         TEXT,                -- the final event (done or error), JSON
+    acked_at       REAL                 -- when the broker acknowledged the final event (PUBACK)
 );
 CREATE INDEX IF NOT EXISTS jobs_unanswered ON jobs (state) WHERE answered_at IS NULL;
 CREATE INDEX IF NOT EXISTS jobs_answered_at ON jobs (answered_at) WHERE answered_at IS NOT NULL;
@@ -76,6 +77,16 @@ class JournaledJob:
     received_at: float  # wall clock (time.time())
     state: JobState  # "accepted" (never started) or "started" (interrupted mid-run)
     attempts: int  # how many times it was started: bound re-runs of a job that kills the agent
+
+
+@dataclass(frozen=True)
+class UnackedAnswer:
+    """A job's final event that may never have reached the broker."""
+
+    job_id: str
+    reply_topic: str
+    correlation_data: bytes | None
+    answer: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -141,7 +152,7 @@ class JobJournal:
                      state = 'accepted', request = excluded.request,
                      reply_topic = excluded.reply_topic, correlation = excluded.correlation,
                      received_at = excluded.received_at, started_at = NULL, attempts = 0,
-                     answered_at = NULL, answer = NULL""",
+                     answered_at = NULL, answer = NULL, acked_at = NULL""",
                 (job_id, request_payload, reply_topic, correlation_data, received_at),
             )
 
@@ -165,6 +176,18 @@ class JobJournal:
         """
         self._answer(job_id, "failed", error_event)
 
+    def record_acked(self, job_id: str) -> None:
+        """The broker acknowledged the job's final event: it need not be published again.
+
+        Until then the answer is in paho's memory (or a socket) only; an agent that dies before
+        the acknowledgement publishes it again at start (`unacked_answers`)."""
+        with self._write("record the answer's delivery", durable=False):
+            self._db.execute(
+                """UPDATE jobs SET acked_at = ?
+                   WHERE job_id = ? AND answered_at IS NOT NULL AND acked_at IS NULL""",
+                (time.time(), job_id),
+            )
+
     def forget(self, job_id: str) -> None:
         """Drop a job that will neither be answered nor re-run (the sender was told to resubmit)."""
         with self._write("forget the job"):
@@ -183,6 +206,27 @@ class JobJournal:
             return None
         answer: dict[str, Any] = json.loads(row[0])
         return answer
+
+    def unacked_answers(self) -> list[UnackedAnswer]:
+        """Answers (within retention) whose final event the broker never acknowledged, oldest
+        first: published again at start, so an answer never dies with the process."""
+        with self._read("list undelivered answers"):
+            rows = self._db.execute(
+                """SELECT job_id, reply_topic, correlation, answer FROM jobs
+                   WHERE answer IS NOT NULL AND acked_at IS NULL AND reply_topic != ''
+                     AND answered_at >= ?
+                   ORDER BY answered_at, seq""",
+                (time.time() - self.retention_s,),
+            ).fetchall()
+        return [
+            UnackedAnswer(
+                job_id=row[0],
+                reply_topic=row[1],
+                correlation_data=None if row[2] is None else bytes(row[2]),
+                answer=json.loads(row[3]),
+            )
+            for row in rows
+        ]
 
     def unfinished(self) -> list[JournaledJob]:
         """Accepted or started but never answered, oldest first: what to run again at start."""
@@ -257,6 +301,10 @@ class JobJournal:
                     f"knows up to {SCHEMA_VERSION})"
                 )
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "acked_at" not in columns:  # a schema 1 journal: its answers count as delivered
+                db.execute("ALTER TABLE jobs ADD COLUMN acked_at REAL")
+                db.execute("UPDATE jobs SET acked_at = answered_at WHERE answered_at IS NOT NULL")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except BaseException:
             db.close()
@@ -345,7 +393,7 @@ class JobJournal:
                    VALUES (?, ?, x'', '', ?, ?, ?)
                    ON CONFLICT (job_id) DO UPDATE SET
                      state = excluded.state, answered_at = excluded.answered_at,
-                     answer = excluded.answer""",
+                     answer = excluded.answer, acked_at = NULL""",
                 (job_id, state, now, now, json.dumps(event, ensure_ascii=False)),
             )
 

@@ -22,6 +22,7 @@ from paho.mqtt.properties import Properties
 
 from agent.config import MqttConfig
 from agent.errors import ConfigError
+from agent.outbox import DeltaBuilder, JobStream, OnAck, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,11 @@ class MqttLink:
         self._client.reconnect_delay_set(
             min_delay=max(1, int(config.reconnect_min_s)), max_delay=int(config.reconnect_max_s)
         )
-        # Outgoing messages wait in paho's queue while disconnected, bounded so memory is too.
+        # Outgoing QoS 1 messages wait in the outbox (priority classes, bounded refusals) and
+        # reach paho only while its in-flight window has room; paho's own queue is a safety net.
+        self._outbox = Outbox(self._send)
         self._client.max_queued_messages_set(10_000)
+        self._client.on_publish = self._handle_publish
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
@@ -114,15 +118,54 @@ class MqttLink:
         qos: int = 1,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        on_ack: OnAck | None = None,
     ) -> None:
+        """QoS 1: never dropped, sent before job events (status, OTA status, a fleet tool's
+        requests); a retained message still waiting is replaced by a newer one on its topic.
+        QoS 0 (telemetry) goes to paho at once and may be lost, as QoS 0 may."""
+        if qos == 0:
+            data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+            info = self._client.publish(topic, data, qos=0, retain=retain)
+            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+                log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
+            return
+        self._outbox.control(
+            topic, payload, retain=retain, correlation=correlation_data, on_ack=on_ack
+        )
+
+    def stream(
+        self, topic: str, correlation_data: bytes | None, make_delta: DeltaBuilder
+    ) -> JobStream:
+        """The ordered, never-dropped event stream of one accepted job (see agent/outbox.py)."""
+        return self._outbox.stream(topic, correlation_data, make_delta)
+
+    def refuse(self, topic: str, payload: dict[str, Any], correlation_data: bytes | None) -> None:
+        """A reply to a request that was not accepted: bounded, dropped under a flood."""
+        self._outbox.refusal(topic, payload, correlation_data)
+
+    @property
+    def refusals_dropped(self) -> int:
+        return self._outbox.dropped
+
+    def _send(self, topic: str, data: bytes, retain: bool, correlation: bytes | None) -> int | None:
         properties = None
-        if correlation_data is not None:
+        if correlation is not None:
             properties = Properties(PacketTypes.PUBLISH)
-            properties.CorrelationData = correlation_data
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        info = self._client.publish(topic, data, qos=qos, retain=retain, properties=properties)
+            properties.CorrelationData = correlation
+        info = self._client.publish(topic, data, qos=1, retain=retain, properties=properties)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
+            return None
+        return info.mid  # NO_CONN: paho keeps it and sends it on reconnect
+
+    def _handle_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
+    ) -> None:
+        self._outbox.acknowledged(mid)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued message is sent and acknowledged (False after `timeout`)."""
+        return self._outbox.wait_idle(timeout)
 
     def publish_and_wait(self, topic: str, payload: dict[str, Any], timeout: float) -> bool:
         """Publish retained at QoS 1 and wait for the broker's acknowledgement (used at exit)."""

@@ -19,13 +19,21 @@ from agent.config import AgentConfig
 from agent.errors import AgentError, JobError
 from agent.generation import FinishReason, GenerationRequest, GenerationResult, SequenceRun
 from agent.job_queue import Job, JobQueue, QueueFull, Reply, ResultStore
-from agent.jobs import InvalidPayload, JobRequest, RequestLimits, parse_cancel, parse_job
+from agent.jobs import (
+    MAX_OTA_COMMAND_BYTES,
+    InvalidPayload,
+    JobRequest,
+    RequestLimits,
+    parse_cancel,
+    parse_job,
+)
 from agent.journal import JobJournal, JournalError
 from agent.mqtt_link import Incoming, MqttLink, Subscription
 from agent.ota.command import parse_update_command
 from agent.ota.errors import OtaError
 from agent.ota.installer import OtaHooks, OtaInstaller
 from agent.ota.probation import ProbationGuard
+from agent.outbox import JobStream, OnAck
 from agent.runtime import LoadedModel
 from agent.sdnotify import Watchdog
 from agent.telemetry import TelemetryCollector, TelemetryPublisher
@@ -70,8 +78,13 @@ class AgentService:
             lambda payload: self.link.publish(self.topics.telemetry, payload, qos=0),
         )
         self._metrics: Any = None
-        self._running: dict[str, Job] = {}
+        # One registry of active ids, under one lock, from admission until the answer is stored
+        # (`results` and the journal): an id is active, or answered, or unknown, never in between
+        # (a job between the queue and the batch, or just finished, is still active).
+        self._active: set[str] = set()
+        self._running: dict[str, Job] = {}  # the active jobs that have started
         self._running_lock = threading.Lock()
+        self._refusal_log = _LogBudget(REFUSALS_LOGGED, REFUSAL_LOG_WINDOW_S)
         # An OTA switch hands the new model to the worker, which swaps it in once the running
         # batch has drained: running jobs finish on the old model, queued ones wait, none fail.
         self._pending_model: LoadedModel | None = None
@@ -113,6 +126,7 @@ class AgentService:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._republish_unacked()
         self._requeue_journaled()
         self._worker.start()
         self.link.start()
@@ -129,8 +143,27 @@ class AgentService:
                 self.config.telemetry.metrics_addr,
             )
 
+    def _republish_unacked(self) -> None:
+        """Answers journaled but never acknowledged by the broker (the agent died, or lost the
+        broker, with them in its memory) are published again: the sender gets its answer
+        without asking twice. A client may see such an answer twice; it is the same answer."""
+        if self.journal is None:
+            return
+        try:
+            unacked = self.journal.unacked_answers()
+        except JournalError as exc:
+            self._journal_failed(exc)
+            return
+        for entry in unacked:
+            stream = self._job_stream(
+                entry.job_id, Reply(entry.reply_topic, entry.correlation_data)
+            )
+            stream.event(entry.answer, on_ack=self._ack_recorder(entry.job_id))
+            log.info("publishing again the undelivered answer of job %s", entry.job_id)
+
     def _requeue_journaled(self) -> None:
-        """Jobs accepted before a crash or reboot but never answered run again."""
+        """Jobs accepted before a crash or reboot but never answered run again; their events
+        say `"restarted": true` (the client saw their start, and will see it again)."""
         if self.journal is None or self.model is None:
             return
         for entry in self.journal.unfinished():
@@ -139,7 +172,9 @@ class AgentService:
                 message = f"this job was running when the agent stopped {entry.attempts} times"
                 failure = events.error(entry.job_id, "engine_error", message)
                 self._record(partial(self._journal_call, "record_failed", entry.job_id, failure))
-                self._send_error(reply, entry.job_id, "engine_error", message)
+                log.info("job %s refused: [engine_error] %s", entry.job_id, message)
+                stream = self._job_stream(entry.job_id, reply)
+                stream.event(failure, on_ack=self._ack_recorder(entry.job_id))
                 continue
             try:
                 request = parse_job(entry.request_payload, self.limits)
@@ -148,8 +183,18 @@ class AgentService:
                 self._send_error(reply, entry.job_id, exc.job_code, exc.message)
                 continue
             waited = max(0.0, time.time() - entry.received_at)
-            job = Job(request, prompt_ids, reply, received=time.monotonic() - waited)
-            self.queue.put(job, lambda _pos: None, force=True)
+            stream = self._job_stream(request.id, reply, restarted=True)
+            job = Job(
+                request,
+                prompt_ids,
+                reply,
+                stream,
+                received=time.monotonic() - waited,
+                restarted=True,
+            )
+            with self._running_lock:
+                self._active.add(job.id)
+            self.queue.put(job, partial(self._announce, job), force=True)
             log.info("re-running journaled job %s (accepted %.0f s ago)", entry.job_id, waited)
 
     def activate(self, model: LoadedModel) -> None:
@@ -182,7 +227,9 @@ class AgentService:
         for job in self.queue.drain():
             # Refused, not kept: the sender resubmits, so the journal must not run it again.
             self._record(partial(self._journal_forget, job.id))
-            self._send_error(job.reply, job.id, "shutting_down", "the agent is shutting down")
+            self._release(job.id)
+            log.info("job %s refused: [shutting_down] the agent is shutting down", job.id)
+            job.events.event(events.error(job.id, "shutting_down", "the agent is shutting down"))
         self._stop_worker.set()
         self._worker.join(grace_s)
         with self._running_lock:
@@ -194,6 +241,8 @@ class AgentService:
         if self._metrics is not None:
             self._metrics.close()
         self.telemetry.stop()
+        if self.link.connected:  # the answers still waiting go out before `offline`
+            self.link.flush(timeout=5)
         self.link.publish_and_wait(self.topics.status, self._status("offline"), timeout=5)
         self.link.stop()
         if self.journal is not None:
@@ -203,11 +252,27 @@ class AgentService:
 
     def handle_message(self, message: Incoming) -> None:
         if message.topic == self.topics.cancel:
-            self._handle_cancel(message)
+            self._handle_cancel(message)  # parse_cancel refuses an oversize one before parsing
         elif message.topic == self.topics.ota:
-            self._handle_ota(message)
+            if len(message.payload) > MAX_OTA_COMMAND_BYTES:
+                self._refuse_oversize_ota(len(message.payload))
+            else:
+                self._handle_ota(message)
         else:
-            self._handle_job(message)
+            self._handle_job(message)  # parse_job checks jobs.max_payload_bytes first
+
+    def _refuse_oversize_ota(self, size: int) -> None:
+        message = (
+            f"update command: the payload is {size} bytes; the limit is {MAX_OTA_COMMAND_BYTES} "
+            '(a command is {"id", "url", "sha256", "size", "version"}: the bundle is downloaded '
+            "from `url`, never sent over MQTT)"
+        )
+        if self._refusal_log.allow():
+            log.warning("refused an update command: %s", message)
+        self._publish_ota_status(
+            {"id": None, "state": "failed", "version": None, "progress": 0.0,
+             "error": {"code": "bad_command", "message": message}}
+        )  # fmt: skip
 
     def _handle_ota(self, message: Incoming) -> None:
         if self.ota is None:
@@ -241,12 +306,24 @@ class AgentService:
             self._send_error(target, job_id, exc.job_code, exc.message)
             return
         if reply is None and message.response_topic is not None:
+            topic = message.response_topic
+            if self.topics.reply_reserved(topic):
+                reason = (
+                    "it is a command or report topic of the fleet, never a reply topic ("
+                    f"{', '.join(self.topics.reserved_replies)}, `$`-topics); "
+                )
+            else:
+                reason = ""
+            reason += (
+                f"this device answers only on topics matching "
+                f"{', '.join(self.topics.allowed_replies)} (not those), such as "
+                f"{self.topics.results(request.id)}"
+            )
             self._send_error(
                 Reply(self.topics.results(request.id)),
                 request.id,
                 "invalid_request",
-                f"the Response Topic {message.response_topic[:200]!r} is not allowed: this "
-                f"device answers only on topics matching {', '.join(self.topics.allowed_replies)}",
+                f"the Response Topic {topic[:200]!r} is not allowed: {reason}",
             )
             return
         reply = reply or Reply(self.topics.results(request.id))
@@ -261,33 +338,49 @@ class AgentService:
     def _admit(
         self, request: JobRequest, reply: Reply, payload: bytes, redelivered: bool = False
     ) -> None:
-        stored = self.results.get(request.id) or self._journal_answer(request.id)
+        job_id = request.id
+        with self._running_lock:  # the check and the claim are one step (see `_active`)
+            active = job_id in self._active
+            stored = None if active else self.results.get(job_id) or self._journal_answer(job_id)
+            claimed = not active and stored is None and self._accepting and self.model is not None
+            if claimed:
+                self._active.add(job_id)
         if stored is not None:
-            self._publish(reply, stored)
+            self._refuse(reply, stored)  # the stored answer; a flood of repeats may lose some
             return
         if not self._accepting:
-            self._send_error(reply, request.id, "shutting_down", "the agent is shutting down")
+            self._send_error(reply, job_id, "shutting_down", "the agent is shutting down")
             return
         if self.model is None:
             reason = self.problem.message if self.problem else "no bundle is loaded"
             self._send_error(
-                reply, request.id, "engine_error", f"this device has no working model: {reason}"
+                reply, job_id, "engine_error", f"this device has no working model: {reason}"
             )
             return
-        if self._is_active(request.id):
+        if active:
             if redelivered:  # the transport's at-least-once: the job's one answer will follow
-                log.info("job %s delivered again by the broker while active: ignored", request.id)
+                log.info("job %s delivered again by the broker while active: ignored", job_id)
                 return
             self._send_error(
-                reply, request.id, "duplicate", f"job {request.id!r} is already queued or running"
+                reply, job_id, "duplicate", f"job {job_id!r} is already queued or running"
             )
             return
         try:
+            self._accept(request, reply, payload)
+        except BaseException:
+            self._release(job_id)
+            raise
+
+    def _accept(self, request: JobRequest, reply: Reply, payload: bytes) -> None:
+        """Encode, journal and queue a claimed id; every refusal here releases the claim."""
+        assert self.model is not None
+        try:
             prompt_ids = self._encode(request, self.model)
         except JobError as exc:
+            self._release(request.id)
             self._send_error(reply, request.id, exc.job_code, exc.message)
             return
-        job = Job(request, prompt_ids, reply)
+        job = Job(request, prompt_ids, reply, self._job_stream(request.id, reply))
         if self.journal is not None:
             try:  # journaled before `accepted` is sent: an accepted job survives a crash
                 self.journal.record_accepted(
@@ -295,13 +388,15 @@ class AgentService:
                 )
             except JournalError as exc:
                 self._journal_failed(exc)
+                self._release(request.id)
                 self._send_error(reply, request.id, "engine_error", exc.message)
                 return
             self._journal_recovered()
         try:
-            self.queue.put(job, lambda pos: self._publish(reply, events.accepted(request.id, pos)))
+            self.queue.put(job, partial(self._announce, job))
         except QueueFull:
             self._record(lambda: self._journal_forget(request.id))
+            self._release(request.id)
             self._send_error(
                 reply,
                 request.id,
@@ -325,11 +420,14 @@ class AgentService:
             )
         return ids
 
-    def _is_active(self, job_id: str) -> bool:
+    def _release(self, job_id: str) -> None:
+        """The id is no longer active: answered (and stored), or refused after its claim."""
         with self._running_lock:
-            if job_id in self._running:
-                return True
-        return self.queue.contains(job_id)
+            self._active.discard(job_id)
+            self._running.pop(job_id, None)
+
+    def _announce(self, job: Job, position: int) -> None:
+        job.events.event(_marked(job, events.accepted(job.id, position)))
 
     def _handle_cancel(self, message: Incoming) -> None:
         try:
@@ -383,13 +481,8 @@ class AgentService:
         if job.deadline_passed(started):
             self._finish_unstarted(job, "deadline")
             return
-        seq = 0
-
-        def on_text(text: str) -> None:
-            nonlocal seq
-            if job.request.stream:
-                self._publish(job.reply, events.delta(job.id, seq, text))
-                seq += 1
+        stream = job.events
+        on_text: Callable[[str], None] = stream.delta if job.request.stream else _ignore
 
         def interrupt() -> FinishReason | None:
             if self._watchdog is not None:
@@ -403,15 +496,14 @@ class AgentService:
         def on_finished(
             run: SequenceRun, result: GenerationResult | None, error: AgentError | None
         ) -> None:
-            with self._running_lock:
-                self._running.pop(job.id, None)
             if result is None:
                 message = error.message if error is not None else "unknown failure"
                 log.error("job %s failed: %s", job.id, message)
                 self._failed_count += 1
-                failure = events.error(job.id, "engine_error", message)
+                failure = _marked(job, events.error(job.id, "engine_error", message))
                 self._record(lambda: self._journal_call("record_failed", job.id, failure))
-                self._publish(job.reply, failure)
+                self._release(job.id)
+                stream.event(failure, on_ack=self._ack_recorder(job.id))
                 return
             done = events.done_from_result(
                 job.id,
@@ -431,9 +523,11 @@ class AgentService:
             if energy is not None:  # only where the hardware reports its power rails
                 done["energy"] = energy.to_event()
             self._done_count += 1
+            _marked(job, done)
             self._record(lambda: self._journal_call("record_done", job.id, done))
             self.results.put(job.id, done)
-            self._publish(job.reply, done)
+            self._release(job.id)  # only now: a repeat of the id gets the stored answer
+            stream.event(done, on_ack=self._ack_recorder(job.id))
 
         self._record(lambda: self._journal_call("record_started", job.id))
         request = GenerationRequest(
@@ -468,18 +562,32 @@ class AgentService:
             engine=self.engine_info,
             device=self.config.device_id,
         )
+        _marked(job, done)
         self._record(lambda: self._journal_call("record_done", job.id, done))
         self.results.put(job.id, done)
-        self._publish(job.reply, done)
+        self._release(job.id)
+        job.events.event(done, on_ack=self._ack_recorder(job.id))
 
     # --- publishing ------------------------------------------------------------------------
 
-    def _publish(self, reply: Reply, payload: dict[str, Any]) -> None:
-        self.link.publish(reply.topic, payload, correlation_data=reply.correlation_data)
+    def _job_stream(self, job_id: str, reply: Reply, *, restarted: bool = False) -> JobStream:
+        make_delta = _restarted_delta(job_id) if restarted else partial(events.delta, job_id)
+        return self.link.stream(reply.topic, reply.correlation_data, make_delta)
+
+    def _ack_recorder(self, job_id: str) -> OnAck | None:
+        """Journals that the broker has the job's final event (else it is sent again at start)."""
+        if self.journal is None:
+            return None
+        return lambda: self._record(lambda: self._journal_call("record_acked", job_id))
+
+    def _refuse(self, reply: Reply, payload: dict[str, Any]) -> None:
+        """A reply to a request that was not accepted: bounded, may be dropped under a flood."""
+        self.link.refuse(reply.topic, payload, reply.correlation_data)
 
     def _send_error(self, reply: Reply, job_id: str | None, code: str, message: str) -> None:
-        log.info("job %s refused: [%s] %s", job_id, code, message)
-        self._publish(reply, events.error(job_id, code, message))
+        if self._refusal_log.allow():
+            log.info("job %s refused: [%s] %s", job_id, code, message)
+        self._refuse(reply, events.error(job_id, code, message))
 
     def _status(self, state: str) -> dict[str, Any]:
         status = events.status(state, __version__, self.engine_info, self._since)
@@ -558,6 +666,51 @@ class AgentService:
 
 
 MAX_ATTEMPTS = 3  # a job that was running at 3 crashes is not run a 4th time
+REFUSALS_LOGGED = 20  # refusals logged per window; a flood is summed up, not logged line by line
+REFUSAL_LOG_WINDOW_S = 10.0
+
+
+def _ignore(text: str) -> None:
+    pass
+
+
+def _marked(job: Job, event: dict[str, Any]) -> dict[str, Any]:
+    if job.restarted:
+        event["restarted"] = True
+    return event
+
+
+def _restarted_delta(job_id: str) -> Callable[[int, str], dict[str, Any]]:
+    def make(seq: int, text: str) -> dict[str, Any]:
+        return {**events.delta(job_id, seq, text), "restarted": True}
+
+    return make
+
+
+class _LogBudget:
+    """At most `count` log lines per `window_s`; the rest are counted and summed up."""
+
+    def __init__(self, count: int, window_s: float) -> None:
+        self._count = count
+        self._window_s = window_s
+        self._started = 0.0
+        self._used = 0
+        self._suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self._started >= self._window_s:
+            if self._suppressed:
+                log.warning(
+                    "%d more refusals in the last %.0f s were not logged", self._suppressed,
+                    now - self._started,
+                )  # fmt: skip
+            self._started, self._used, self._suppressed = now, 0, 0
+        if self._used < self._count:
+            self._used += 1
+            return True
+        self._suppressed += 1
+        return False
 
 
 def _open_journal(config: AgentConfig) -> tuple[JobJournal | None, JournalError | None]:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from paho.mqtt.client import topic_matches_sub
 
 INVALID_JOB_ID = "_invalid"  # results topic for requests without a usable id
+# Under the prefix: the command and report topics of every device (`P/fleet/jobs` is `P/+/jobs`).
+RESERVED_LEVELS = ("+/jobs", "+/jobs/cancel", "+/ota", "+/status", "+/telemetry", "+/ota/status")
 
 
 @dataclass(frozen=True)
@@ -23,8 +25,22 @@ class Topics:
 
     def reply_allowed(self, topic: str) -> bool:
         """Whether a job may name `topic` as its MQTT v5 Response Topic."""
-        return is_valid_publish_topic(topic) and any(
-            topic_matches_sub(allowed, topic) for allowed in self.allowed_replies
+        return (
+            is_valid_publish_topic(topic)
+            and not self.reply_reserved(topic)
+            and any(topic_matches_sub(allowed, topic) for allowed in self.allowed_replies)
+        )
+
+    @property
+    def reserved_replies(self) -> list[str]:
+        """Topics no Response Topic may match, whatever `reply_filters` says: what devices are
+        commanded on (a job's events published there would be read as jobs, cancels, updates)
+        and what they report on (a device must not spoof another's status)."""
+        return [f"{self.prefix}/{level}" for level in RESERVED_LEVELS]
+
+    def reply_reserved(self, topic: str) -> bool:
+        return topic.startswith("$") or any(
+            topic_matches_sub(reserved, topic) for reserved in self.reserved_replies
         )
 
     @property

@@ -1,0 +1,100 @@
+"""Intake rules at unit level: reserved Response Topics, repeated JSON keys, size caps before
+parsing, and the journal's record of delivered answers (a real SQLite file, an old schema)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from agent.jobs import InvalidPayload, RequestLimits, parse_cancel, parse_job
+from agent.journal import JOURNAL_FILE, JobJournal
+from agent.topics import Topics
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "edgellm/orin-01/jobs",
+        "edgellm/other/jobs",
+        "edgellm/fleet/jobs",
+        "edgellm/orin-01/jobs/cancel",
+        "edgellm/orin-01/ota",
+        "edgellm/orin-01/ota/status",
+        "edgellm/other/status",
+        "edgellm/other/telemetry",
+    ],
+)
+def test_command_and_report_topics_are_never_reply_topics_even_with_hash(topic: str) -> None:
+    topics = Topics("edgellm", "orin-01", ("#",))
+    assert not topics.reply_allowed(topic)
+    for inbox in ("edgellm/orin-01/results/q-1", "clients/abc/inbox", "edgellm/orin-01/jobs/x"):
+        assert topics.reply_allowed(inbox)  # everything else stays allowed by the default
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"id": "a", "prompt": "x", "id": "b"}',
+        b'{"id": "a", "prompt": "x", "prompt": "y"}',
+        b'{"id": "a", "messages": [{"role": "user", "content": "x", "role": "system"}]}',
+    ],
+)
+def test_repeated_keys_are_invalid_json(payload: bytes) -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        parse_job(payload, RequestLimits())
+    assert caught.value.job_code == "invalid_json" and "repeats the key" in caught.value.message
+    with pytest.raises(InvalidPayload) as cancel:
+        parse_cancel(b'{"id": "a", "id": "b"}')
+    assert cancel.value.job_code == "invalid_json"
+
+
+def test_an_oversize_cancel_is_refused_by_size_not_parsed() -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        parse_cancel(b"[" * 100_000)  # parsing would say invalid_json (or recurse)
+    assert caught.value.job_code == "invalid_request" and "limit is 1024" in caught.value.message
+
+
+def test_answers_not_acknowledged_are_listed_until_they_are(tmp_path: Path) -> None:
+    journal = JobJournal.in_state_dir(tmp_path)
+    for job_id in ("a", "b"):
+        journal.record_accepted(job_id, b"{}", f"edgellm/d/results/{job_id}", b"c", 1.0)
+        journal.record_done(job_id, {"id": job_id, "event": "done", "text": job_id})
+    journal.record_acked("a")
+    [unacked] = journal.unacked_answers()
+    assert (unacked.job_id, unacked.reply_topic, unacked.correlation_data) == (
+        "b",
+        "edgellm/d/results/b",
+        b"c",
+    )
+    assert unacked.answer["text"] == "b"
+    journal.record_acked("b")
+    assert journal.unacked_answers() == []
+    journal.close()
+
+
+def test_a_schema_1_journal_is_upgraded_and_its_answers_count_as_delivered(
+    tmp_path: Path,
+) -> None:
+    db = sqlite3.connect(tmp_path / JOURNAL_FILE, isolation_level=None)
+    db.executescript(
+        """CREATE TABLE jobs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL UNIQUE,
+            state TEXT NOT NULL, request BLOB NOT NULL, reply_topic TEXT NOT NULL,
+            correlation BLOB, received_at REAL NOT NULL, started_at REAL,
+            attempts INTEGER NOT NULL DEFAULT 0, answered_at REAL, answer TEXT);
+        PRAGMA user_version=1;"""
+    )
+    answer = json.dumps({"id": "old", "event": "done", "text": "x"})
+    db.execute(
+        "INSERT INTO jobs (job_id, state, request, reply_topic, received_at, answered_at, answer)"
+        " VALUES ('old', 'done', x'', 'edgellm/d/results/old', 1e12, 1e12, ?)",
+        (answer,),
+    )
+    db.close()
+    journal = JobJournal.in_state_dir(tmp_path)
+    assert journal.unacked_answers() == []  # not re-sent after the upgrade
+    assert journal.stored_answer("old") == json.loads(answer)
+    journal.close()
