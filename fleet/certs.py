@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -37,6 +38,23 @@ SERVER_STEM = "server"
 _IDENTITY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*$")
 CLOCK_SKEW = dt.timedelta(minutes=5)  # a device whose clock is a little behind still accepts it
+
+# Every `user NAME` of the shipped ACL (deploy/mosquitto/acl): a certificate with this CN gets that
+# identity's rights, so no device may be given one (tests/security/test_broker_identity.py checks
+# this set against the file's `user` lines). Only `certs client` issues them.
+ACL_USERS = frozenset({"operator"})
+# The topic levels of the MQTT contract (shared/DESIGN.md): `fleet` is where the fleet's shared
+# jobs are published (`edgellm/fleet/jobs`, readable by every device), and a device named like
+# another level makes its topics read like someone else's.
+TOPIC_WORDS = frozenset({"fleet", "jobs", "cancel", "results", "status", "telemetry", "ota"})
+# edge-fleet's tools connect with client ids `edge-fleet-<random>`; the broker makes a device's
+# client id its CN (`use_username_as_clientid`), so a device with such a CN could be kicked off by,
+# or kick off, an operator's tool.
+TOOL_CLIENT_ID_PREFIX = "edge-fleet"
+# The broker's dynamic security plugin (deploy/mosquitto/): the group every device belongs to and
+# the role that confines what it may subscribe to. Names in the generated dynamic-security.json.
+DEVICES_GROUP = "edgellm-devices"
+DEVICE_ROLE = "edgellm-device"
 
 ClientKind = Literal["device", "operator"]
 
@@ -187,6 +205,100 @@ def describe(path: Path) -> str:
     )
 
 
+# --- the broker's dynamic security plugin ------------------------------------------------------
+
+# What a device may SUBSCRIBE to, decided by Mosquitto's dynamic security plugin when the client
+# subscribes (the filter as sent, `$share/...` included): its job, cancel and update topics, and
+# the fleet's jobs only through the fleet's shared subscription. Any other filter that would match
+# `edgellm/fleet/jobs` (the plain topic, `edgellm/+/jobs`, `#`, another share group) is refused
+# with SUBACK 0x87. Literal rules are checked before patterns, then higher priority first.
+# Everything else (what may be published and delivered) is left to the ACL file (no rule here, and
+# `defaultACLAccess` false, makes the plugin defer to it).
+_DEVICE_SUBSCRIBE_RULES: tuple[tuple[str, str, bool, int], ...] = (
+    ("subscribeLiteral", "$share/edgellm/edgellm/fleet/jobs", True, 10),
+    ("subscribeLiteral", "edgellm/fleet/jobs", False, 10),
+    ("subscribeLiteral", "edgellm/+/jobs", False, 10),
+    # The ACL file confines delivery to the device's own topics (`%u`).
+    ("subscribePattern", "edgellm/+/jobs", True, 5),
+    ("subscribePattern", "edgellm/+/jobs/cancel", True, 5),
+    ("subscribePattern", "edgellm/+/ota", True, 5),
+    ("subscribePattern", "#", False, 0),
+)
+
+
+def dynamic_security_config(devices: list[str]) -> dict[str, Any]:
+    """The dynamic security plugin's configuration (dynamic-security.json) for these devices.
+
+    The plugin only knows the identities listed here: for any other CN it defers to the ACL file,
+    which grants every subscription. So every device of the fleet must be listed."""
+    if not devices:
+        raise CertError(
+            "bad_command", "no devices: give --device ID (repeatable) or --devices-file FILE"
+        )
+    seen: set[str] = set()
+    for device in devices:
+        _check_identity(device, "device")
+        if device in seen:
+            raise CertError("bad_name", f"device id {device!r} is listed twice")
+        seen.add(device)
+    return {
+        "defaultACLAccess": {
+            "publishClientSend": False,
+            "publishClientReceive": False,
+            "subscribe": False,
+            "unsubscribe": True,
+        },
+        "clients": [{"username": device, "textname": "edge-llm device"} for device in devices],
+        "groups": [
+            {
+                "groupname": DEVICES_GROUP,
+                "textname": "every device of the fleet (written by `edge-fleet certs roles`)",
+                "roles": [{"rolename": DEVICE_ROLE}],
+                "clients": [{"username": device} for device in devices],
+            }
+        ],
+        "roles": [
+            {
+                "rolename": DEVICE_ROLE,
+                "textname": "subscribe to its own topics, and to fleet jobs only shared",
+                "acls": [
+                    {"acltype": kind, "topic": topic, "allow": allow, "priority": priority}
+                    for kind, topic, allow, priority in _DEVICE_SUBSCRIBE_RULES
+                ],
+            }
+        ],
+    }
+
+
+def read_device_list(path: Path) -> list[str]:
+    """Device ids from a file, one a line; `#` starts a comment (the format of rollout's
+    --devices-file)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CertError("io", f"cannot read --devices-file {path}: {exc}") from exc
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def write_dynamic_security(devices: list[str], out: Path) -> Path:
+    """Write dynamic-security.json for `devices` to `out` (replacing it: the file is regenerated
+    from the device list whenever the fleet changes)."""
+    text = json.dumps(dynamic_security_config(devices), indent=2) + "\n"
+    if out.is_dir():
+        out = out / "dynamic-security.json"
+    partial = out.with_name(out.name + ".partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(text, encoding="utf-8")
+        partial.chmod(0o644)
+        os.replace(partial, out)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise CertError("io", f"cannot write {out}: {exc.strerror or exc}") from exc
+    return out
+
+
 # --- internals -------------------------------------------------------------------------------
 
 
@@ -252,9 +364,30 @@ def _check_identity(identity: str, kind: ClientKind) -> None:
             "username and a topic level in the broker's ACL, so `/`, `+`, `#` and spaces are "
             "not allowed)",
         )
-    if identity == "fleet":
+    folded = identity.lower()
+    if folded == "fleet":
         raise CertError(
             "bad_name", "'fleet' is the topic level of the fleet's shared jobs, not an identity"
+        )
+    if folded in TOPIC_WORDS:
+        raise CertError(
+            "bad_name",
+            f"{kind} id {identity!r} is a topic level of the MQTT contract (one of "
+            f"{', '.join(sorted(TOPIC_WORDS))}); choose a name that is not",
+        )
+    if folded.startswith(TOOL_CLIENT_ID_PREFIX):
+        raise CertError(
+            "bad_name",
+            f"{kind} id {identity!r}: names starting with {TOOL_CLIENT_ID_PREFIX!r} are the client "
+            "ids of edge-fleet's own tools, and the broker uses a device's CN as its client id",
+        )
+    if kind == "device" and folded in {user.lower() for user in ACL_USERS}:
+        raise CertError(
+            "bad_name",
+            f"device id {identity!r} is an identity the broker's ACL (deploy/mosquitto/acl) gives "
+            "special rights: a device certificate with this name could send jobs and updates to "
+            "every device. Give the device its own name; issue operator certificates with "
+            "`edge-fleet certs client`",
         )
 
 

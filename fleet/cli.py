@@ -13,7 +13,13 @@ from typing import Any
 from agent.config import MqttConfig, validate_tls
 from agent.errors import AgentError, ConfigError
 from fleet import __version__
-from fleet.certs import IssuedFiles, make_ca, make_client
+from fleet.certs import (
+    IssuedFiles,
+    make_ca,
+    make_client,
+    read_device_list,
+    write_dynamic_security,
+)
 from fleet.certs import make_server as make_server_cert
 from fleet.pack import pack_bundle
 from fleet.prompt import NoAnswer, PromptJob, print_event, send_prompt
@@ -283,6 +289,17 @@ def _certs(args: argparse.Namespace) -> int:
             f"\nin mosquitto.conf: certfile {issued.cert}, keyfile {issued.key} (readable by the "
             "mosquitto user only), cafile the CA's ca.pem; see deploy/mosquitto/."
         )
+    elif args.certs_verb == "roles":
+        devices = list(args.device)
+        if args.devices_file is not None:
+            devices += read_device_list(args.devices_file)
+        written = write_dynamic_security(devices, args.out)
+        print(
+            f"wrote {written} for {len(devices)} device(s); install it as "
+            "/etc/mosquitto/edgellm/dynamic-security.json (readable by the mosquitto user) and "
+            "restart mosquitto. A device missing from it is confined by the ACL file only: it "
+            "could subscribe to edgellm/fleet/jobs without $share and read every fleet job."
+        )
     else:
         device = args.certs_verb == "device"
         issued = make_client(
@@ -300,7 +317,9 @@ def _certs(args: argparse.Namespace) -> int:
         else:
             print(
                 f"\nMQTT username (the CN): {args.id}; the broker's ACL gives this name the "
-                "operator's rights (publish jobs and updates, read results and status)."
+                "operator's rights (publish jobs and updates, read results and status). Issued "
+                "by the operators' CA, it connects to the operators' listener (port 8884, "
+                "deploy/mosquitto/operators.conf), where several tools may use it at once."
             )
     return 0
 
@@ -325,9 +344,11 @@ keep ca.key offline.
   edge-fleet certs server --ca ca --host mqtt.site --ip 10.0.0.5 --out broker
   edge-fleet certs device --ca ca --id orin-01 --out certs/orin-01   # orin-01.pem + .key
   edge-fleet certs client --ca ca --id operator --out certs/operator
+  edge-fleet certs roles --devices-file fleet.txt --out dynamic-security.json   # the broker's
 
-Keys are ECDSA P-256, written 0600; existing files are never overwritten. Exit status: 0 written,
-1 refused (the message says why), 2 bad arguments.
+Device ids the ACL gives special rights (`operator`), topic words (`fleet`, `jobs`, ...) and
+`edge-fleet*` are refused. Keys are ECDSA P-256, written 0600; existing files are never
+overwritten. Exit status: 0 written, 1 refused (the message says why), 2 bad arguments.
 """
 
 
@@ -380,6 +401,22 @@ def _add_certs_verb(verbs: Any) -> None:
         parser.add_argument("--id", required=True, help=f"the identity (e.g. {example})")
         parser.add_argument("--out", type=Path, required=True, help="directory for ID.pem/.key")
         parser.add_argument("--days", type=int, default=825, help="validity in days (825)")
+    roles = kinds.add_parser(
+        "roles",
+        help="the broker's dynamic-security.json listing every device (see deploy/mosquitto/)",
+        description="Write the configuration of Mosquitto's dynamic security plugin: every "
+        "device (--device, repeatable, and/or --devices-file, one id a line) in a group whose "
+        "role lets it subscribe to the fleet's jobs only through $share/edgellm/edgellm/fleet/jobs "
+        "(a plain subscription is refused, SUBACK 0x87). Regenerate it and restart mosquitto "
+        "whenever a device is added: a device it does not list can read every fleet job.",
+    )
+    roles.add_argument(
+        "--device", action="append", default=[], metavar="ID", help="a device id (repeatable)"
+    )
+    roles.add_argument("--devices-file", type=Path, help="device ids, one a line (# comments)")
+    roles.add_argument(
+        "--out", type=Path, required=True, help="the file to write (dynamic-security.json)"
+    )
     certs.set_defaults(handler=_certs)
 
 
