@@ -37,8 +37,12 @@ class MqttConfig:
     key_file: str | None = None
     # Topic filters a job's MQTT v5 Response Topic must match ({prefix} and {device} are filled
     # in); other Response Topics are refused with invalid_request on the job's own results topic.
-    # The default honours any Response Topic (DESIGN.md's contract; clients pick their inbox).
-    # A fleet behind deploy/mosquitto sets ["{prefix}/{device}/results/#"] (provision.sh does),
+    # The default honours any Response Topic (DESIGN.md's contract; clients pick their inbox)
+    # except, whatever this says, `$`-topics and every device's command and report topics under
+    # the prefix (P/+/jobs, P/+/jobs/cancel, P/+/ota, P/+/status, P/+/telemetry, P/+/ota/status:
+    # agent/topics.py RESERVED_LEVELS), so a job cannot make a device command itself or another
+    # device, or spoof a status. A fleet behind deploy/mosquitto sets
+    # ["{prefix}/{device}/results/#"] (provision.sh does),
     # the only space its ACL lets a device write: a forged Response Topic is then refused by the
     # agent with a reason, not just dropped by the broker, and a broker with a looser ACL cannot
     # be used to make a device publish into another device's job queue.
@@ -75,6 +79,29 @@ class OtaConfig:
     # Probation after a switch: this many abnormal exits within the window roll back by themselves.
     probation_crashes: int = 3
     probation_window_s: float = 600.0
+    # A download must finish within this many seconds (all retries included) ...
+    download_deadline_s: float = 3600.0
+    # ... and receive at least this many bytes per second over every window of
+    # `download_rate_window_s` (0 = no minimum): a server that trickles is cut off, not waited on.
+    download_min_rate_bps: float = 1024.0
+    download_rate_window_s: float = 60.0
+    # Redirects from the update URL: "same-origin" (scheme, host and port unchanged; the
+    # default), "any", or "none".
+    follow_redirects: str = "same-origin"
+
+    def __post_init__(self) -> None:
+        if self.follow_redirects not in ("same-origin", "any", "none"):
+            raise ConfigError(
+                "bad_config",
+                f'[ota] follow_redirects {self.follow_redirects!r}: use "same-origin", "any" '
+                'or "none"',
+            )
+        if self.download_deadline_s <= 0 or self.download_rate_window_s <= 0:
+            raise ConfigError(
+                "bad_config", "[ota] download_deadline_s and download_rate_window_s must be > 0"
+            )
+        if self.download_min_rate_bps < 0:
+            raise ConfigError("bad_config", "[ota] download_min_rate_bps must be >= 0 (0 = off)")
 
 
 @dataclass(frozen=True)

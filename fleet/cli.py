@@ -210,6 +210,7 @@ def _update(args: argparse.Namespace) -> int:
         final = send_update(
             _broker(args), args.device, args.url, args.sha256, args.size, args.version,
             args.id, timeout_s=args.timeout, on_status=on_status,
+            allow_downgrade=args.allow_downgrade,
         )  # fmt: skip
     except UpdateTimeout as exc:
         print(f"edge-fleet: {exc}", file=sys.stderr)
@@ -258,6 +259,7 @@ def _rollout(args: argparse.Namespace) -> int:
             canary=args.canary, growth=args.growth, max_failures=args.max_failures,
             per_device_timeout_s=args.timeout, update_id=args.id,
             on_wave=on_wave, on_status=on_status, on_result=on_result,
+            allow_downgrade=args.allow_downgrade,
         )  # fmt: skip
     except ValueError as exc:
         print(f"edge-fleet rollout: error: {exc}", file=sys.stderr)
@@ -459,6 +461,12 @@ def _add_update_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--version", required=True, help="the bundle's manifest version")
     parser.add_argument("--id", help="update id (default: a random one)")
+    parser.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="let devices install a version that is not newer than the highest they ever ran "
+        "(a deliberate rollback; refused as `downgrade` otherwise)",
+    )
     _add_broker_args(parser)
 
 

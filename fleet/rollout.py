@@ -172,14 +172,16 @@ def rollout(
     on_wave: Callable[[int, list[list[str]]], None] | None = None,
     on_status: Callable[[str, OtaStatus], None] | None = None,
     on_result: Callable[[DeviceResult], None] | None = None,
+    allow_downgrade: bool = False,
 ) -> RolloutSummary:
     """Roll one update out to `devices` in waves; return what happened to each.
 
     Every device gets the same update id (one rollout, traceable on every device). Callbacks are
     called one at a time (never concurrently), from worker threads: `on_wave(index, waves)`
     before wave `index` (0-based) starts, `on_status(device, status)` for each ota/status,
-    `on_result(result)` when a device is done. Raises UpdateError or ValueError for bad
-    arguments before anything is sent."""
+    `on_result(result)` when a device is done. `allow_downgrade` is sent with the command (a
+    deliberate rollback to a version not newer than a device's highest). Raises UpdateError or
+    ValueError for bad arguments before anything is sent."""
     _check_devices(devices)
     check_max_failures(max_failures)
     update_id = update_id or f"rollout-{uuid.uuid4().hex[:12]}"
@@ -199,6 +201,7 @@ def rollout(
             final = send_update(
                 broker, device, url, sha256, size, version, update_id,
                 timeout_s=per_device_timeout_s, on_status=status_seen,
+                allow_downgrade=allow_downgrade,
             )  # fmt: skip
             result = DeviceResult(
                 device, final.state, final.error_text or None, _since(began), wave

@@ -1,6 +1,8 @@
 """`edge-fleet update`: send one device an update command and follow it to its end.
 
-The command goes to `P/D/ota` (QoS 1): `{"id", "url", "sha256", "size", "version"}`. The device
+The command goes to `P/D/ota` (QoS 1): `{"id", "url", "sha256", "size", "version"}`, plus
+`"allow_downgrade": true` for a deliberate rollback to an older version (only sent when set, so
+agents from before the second contract revision still accept the others). The device
 reports on `P/D/ota/status`, retained, so whoever subscribes (now, or after a reconnect) sees the
 latest state at once. That retained message may belong to an OLDER update: statuses are matched
 on `id`, and those of other ids are ignored. Because final states are retained too, a status we
@@ -58,6 +60,7 @@ class UpdateCommand:
     sha256: str
     size: int
     version: str
+    allow_downgrade: bool = False
 
     def __post_init__(self) -> None:
         def bad(message: str) -> UpdateError:
@@ -75,13 +78,16 @@ class UpdateCommand:
             raise bad("--version must be 1-64 characters (the bundle's manifest version)")
 
     def payload(self) -> dict[str, Any]:
-        return {
+        payload: dict[str, Any] = {
             "id": self.id,
             "url": self.url,
             "sha256": self.sha256,
             "size": self.size,
             "version": self.version,
         }
+        if self.allow_downgrade:
+            payload["allow_downgrade"] = True
+        return payload
 
 
 @dataclass(frozen=True)
@@ -156,14 +162,18 @@ def send_update(
     *,
     timeout_s: float = 1800.0,
     on_status: Callable[[OtaStatus], None] | None = None,
+    allow_downgrade: bool = False,
 ) -> OtaStatus:
     """Publish the update command to `device` and return its final status (active,
     rolled_back or failed). Every status of this update is passed to `on_status` as it arrives.
+    `allow_downgrade` lets the device install a version that is not newer than its highest.
 
     Raises UpdateError (`bad_command`, `no_broker`) or UpdateTimeout (`timeout`)."""
     if not JOB_ID_RE.match(device):
         raise UpdateError("bad_command", f"device id {device!r}: 1-128 characters of A-Za-z0-9._:-")
-    command = UpdateCommand(update_id or new_update_id(), url, sha256.lower(), size, version)
+    command = UpdateCommand(
+        update_id or new_update_id(), url, sha256.lower(), size, version, allow_downgrade
+    )
     topics = Topics(broker.prefix, device)
     statuses: queue.Queue[OtaStatus] = queue.Queue()
 

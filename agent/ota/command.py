@@ -1,4 +1,5 @@
-"""The update command (DESIGN.md: `{"id", "url", "sha256", "size", "version"}`), validated."""
+"""The update command (DESIGN.md: `{"id", "url", "sha256", "size", "version"}`, plus the
+optional `allow_downgrade` of the second revision), validated."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from agent.jobs import JOB_ID_RE, InvalidPayload, decode_json_object
 from agent.ota.errors import OtaError
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-FIELDS = frozenset({"id", "url", "sha256", "size", "version"})
+FIELDS = frozenset({"id", "url", "sha256", "size", "version", "allow_downgrade"})
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,9 @@ class UpdateCommand:
     sha256: str
     size: int
     version: str
+    # An operator's deliberate rollback: install even when `version` is not newer than the
+    # highest version this device ever activated (DESIGN.md, "Anti-rollback").
+    allow_downgrade: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,4 +57,7 @@ def update_command_from_dict(data: dict[str, Any], max_bytes: int) -> UpdateComm
         raise bad(f"`size` must be an integer from 1 to {max_bytes} bytes")
     if not isinstance(version, str) or not 0 < len(version) <= 64:
         raise bad("`version` must be a string of 1-64 characters")
-    return UpdateCommand(update_id, url, sha256.lower(), size, version)
+    allow_downgrade = data.get("allow_downgrade", False)
+    if not isinstance(allow_downgrade, bool):
+        raise bad("`allow_downgrade` must be true or false")
+    return UpdateCommand(update_id, url, sha256.lower(), size, version, allow_downgrade)

@@ -89,3 +89,36 @@ class OtaStore:
         data = asdict(record)
         data["command"] = record.command.to_json()
         write_atomically(self.path, json.dumps(data, indent=2).encode("utf-8"))
+
+
+FINISHED_KEPT = 256  # finished update ids remembered, so a replayed command is not run again
+
+
+class FinishedLog:
+    """The final `ota/status` of the last FINISHED_KEPT updates (`state_dir/ota/finished.json`),
+    oldest first. An update id found here is never run again: its final status is re-announced.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def entries(self) -> list[dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (ValueError, UnicodeDecodeError):
+            self.path.rename(self.path.with_name(self.path.name + ".corrupt"))
+            return []
+        if not isinstance(data, list):
+            return []
+        return [e for e in data if isinstance(e, dict) and isinstance(e.get("id"), str)]
+
+    def get(self, update_id: str) -> dict[str, Any] | None:
+        return next((e for e in self.entries() if e["id"] == update_id), None)
+
+    def add(self, status: dict[str, Any]) -> None:
+        """Remember (or replace) a final status."""
+        kept = [e for e in self.entries() if e["id"] != status["id"]]
+        kept.append(status)
+        write_atomically(self.path, json.dumps(kept[-FINISHED_KEPT:]).encode("utf-8"))
