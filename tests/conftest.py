@@ -47,15 +47,17 @@ def launch_mosquitto(config: Path, port: int, what: str, *, append_log: bool = F
 
 
 @contextmanager
-def mounted_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+def mounted_tmpfs(mount_point: Path, size: str, *, read_only: bool = False) -> Iterator[Path]:
     """A real tmpfs of `size` (mount's syntax: "256k", "1m") at `mount_point`, for tests of a
-    disk that fills up; skips with the reason when this machine cannot mount one (needs root and
+    disk that fills up, or a read-only one (root ignores permission bits, not a read-only file
+    system); skips with the reason when this machine cannot mount one (needs root and
     CAP_SYS_ADMIN)."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill up needs root")
+        pytest.skip("mounting a small tmpfs needs root")
     mount_point.mkdir(parents=True, exist_ok=True)
+    options = f"ro,size={size}" if read_only else f"size={size}"
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
         capture_output=True,
         text=True,
     )

@@ -3,36 +3,13 @@ error convention) before it connects or publishes anything, instead of a traceba
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Broker, MqttProbe, unique_device
-
-
-@contextmanager
-def read_only_mount(mount_point: Path) -> Iterator[Path]:
-    """A real read-only tmpfs (root ignores permission bits, not a read-only file system)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    mount_point.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({mounted.stderr.strip()})")
-    try:
-        yield mount_point
-    finally:
-        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+from tests.conftest import Broker, MqttProbe, mounted_tmpfs, unique_device
 
 
 def run_agent(
@@ -75,7 +52,7 @@ def test_state_dir_on_a_read_only_file_system(
 ) -> None:
     device = unique_device()
     probe.subscribe(f"edgellm/{device}/#")
-    with read_only_mount(tmp_path / "ro") as mount:
+    with mounted_tmpfs(tmp_path / "ro", "64k", read_only=True) as mount:
         for state_dir in (mount, mount / "state"):  # the dir itself; one to create in it
             result = run_agent(default_bundle, broker, device, state_dir)
             assert_refused_in_one_line(result, state_dir, "Read-only file system")
