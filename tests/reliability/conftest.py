@@ -106,6 +106,7 @@ class Collector:
         self.client.reconnect_delay_set(1, 2)
         self.client.max_inflight_messages_set(100)
         self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *args: self.connected.set()  # SUBACK: now it hears
         self.client.on_disconnect = lambda *args: self.connected.clear()
         self.client.on_message = self._on_message
         properties = Properties(PacketTypes.CONNECT)
@@ -119,8 +120,6 @@ class Collector:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         client.subscribe([("edgellm/+/results/+", 1), ("edgellm/+/status", 1)])
-        time.sleep(0.1)
-        self.connected.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         try:

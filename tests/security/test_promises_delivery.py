@@ -315,6 +315,10 @@ def test_an_answer_made_during_a_partition_survives_a_crash_and_reruns_say_resta
         assert collector.finals("cut") == [] and collector.finals("later") == []
         assert _journal_state(workdir / "state", "later") in ("accepted", "started")
         broker = own.start()
+        # The broker was killed: it lost the collector's session (Mosquitto saves it on a clean
+        # stop), so the collector must have subscribed again before the agent publishes the
+        # journaled answer, or the broker has nobody to give it to (seen in CI).
+        assert collector.connected.wait(30), "the collector did not subscribe again"
         agent = start_agent(default_bundle, broker, workdir, device=agent.device, config=config)
         # No resend by the client: the answer arrives from the journal.
         collector.wait_final(["cut", "later"], 45)
