@@ -120,6 +120,7 @@ class SequenceRun:
         self.request = request
         self._codec = codec
         self._on_text = on_text
+        self._unread: list[str] = []  # text produced while nobody listens (`take_text`)
         self._interrupt = interrupt
         self._sampler = Sampler(request.sampling)
         self._stream = codec.stream()
@@ -192,9 +193,20 @@ class SequenceRun:
             total_s=now - self.start,
         )
 
+    def take_text(self) -> str:
+        """The text produced since the last call, for a caller that reads it between steps
+        instead of passing `on_text` (the batch reports it as data)."""
+        text = "".join(self._unread)
+        self._unread.clear()
+        return text
+
     def _emit(self, text: str) -> None:
-        if text and self._on_text is not None:
+        if not text:
+            return
+        if self._on_text is not None:
             self._on_text(text)
+        else:
+            self._unread.append(text)
 
 
 def generate(

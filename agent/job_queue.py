@@ -5,14 +5,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 from agent.jobs import JobRequest
-from agent.outbox import JobStream
 
 
 @dataclass(frozen=True)
@@ -24,44 +22,34 @@ class Reply:
     correlation_data: bytes | None = None
 
 
-@dataclass
-class Job:
-    request: JobRequest
-    prompt_ids: list[int]
-    reply: Reply
-    events: JobStream  # where its accepted/delta/final events go, in order, never dropped
-    received: float = field(default_factory=time.monotonic)  # monotonic seconds
-    cancel_requested: threading.Event = field(default_factory=threading.Event)
-    # Run again from the journal after the agent stopped: its events carry `"restarted": true`,
-    # so a client can tell deltas from `seq` 0 again from a bug.
-    restarted: bool = False
+class Queued(Protocol):
+    """What the queue orders: an id and its request's priority (the agent's `ActiveJob`)."""
 
     @property
-    def id(self) -> str:
-        return self.request.id
+    def id(self) -> str: ...
 
-    def deadline_passed(self, now: float | None = None) -> bool:
-        if self.request.deadline_ms is None:
-            return False
-        now = time.monotonic() if now is None else now
-        return (now - self.received) * 1000 >= self.request.deadline_ms
+    @property
+    def request(self) -> JobRequest: ...
+
+
+Item = TypeVar("Item", bound=Queued)
 
 
 class QueueFull(Exception):
     pass
 
 
-class JobQueue:
+class JobQueue(Generic[Item]):
     """Thread-safe, bounded; higher `priority` first, FIFO within a priority."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._heap: list[tuple[int, int, Job]] = []
+        self._heap: list[tuple[int, int, Item]] = []
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
 
-    def put(self, job: Job, announce: Callable[[int], None], force: bool = False) -> None:
+    def put(self, job: Item, announce: Callable[[int], None], force: bool = False) -> None:
         """Queue a job, calling `announce(position)` first (under the lock) so its `accepted` event
         is published before a worker can start it. Position 0 = next to run."""
         with self._cond:
@@ -72,7 +60,7 @@ class JobQueue:
             heapq.heappush(self._heap, (key, next(self._order), job))
             self._cond.notify()
 
-    def get(self, timeout: float) -> Job | None:
+    def get(self, timeout: float) -> Item | None:
         """The next job, or None after `timeout` seconds or once closed and empty."""
         with self._cond:
             if not self._heap and not self._closed:
@@ -81,7 +69,7 @@ class JobQueue:
                 return None
             return heapq.heappop(self._heap)[2]
 
-    def remove(self, job_id: str) -> Job | None:
+    def remove(self, job_id: str) -> Item | None:
         with self._cond:
             for index, (_, _, job) in enumerate(self._heap):
                 if job.id == job_id:
@@ -94,7 +82,7 @@ class JobQueue:
         with self._cond:
             return any(job.id == job_id for _, _, job in self._heap)
 
-    def drain(self) -> list[Job]:
+    def drain(self) -> list[Item]:
         with self._cond:
             jobs = [job for _, _, job in sorted(self._heap)]
             self._heap.clear()

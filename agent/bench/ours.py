@@ -68,10 +68,10 @@ def _aggregate_rate(model: Any, request: Any, jobs: int) -> float:
     from agent.batching import BatchGenerator
     from agent.generation import SequenceRun
 
-    batch = BatchGenerator(model.backend, max_batch=jobs)
+    batch: BatchGenerator[int] = BatchGenerator(model.backend, max_batch=jobs)
     runs = [SequenceRun(request, model.codec, model.backend.info.max_seq_len) for _ in range(jobs)]
-    for run in runs:
-        batch.submit(run, lambda *_: None)
+    for index, run in enumerate(runs):
+        batch.submit(run, index)
     started = time.perf_counter()
     while not batch.idle:
         batch.step()

@@ -1,6 +1,6 @@
 """Continuous batching gives the same greedy tokens as one job at a time, with jobs joining a
 running batch and leaving it at different steps, and long prompts prefilled in chunks between the
-running jobs' steps."""
+running jobs' steps; one row's fault ends only that row."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from agent.backends.base import Backend, Logits, TokenIds
-from agent.batching import PREFILL_CHUNK, BatchGenerator, compacting_order
+from agent.batching import PREFILL_CHUNK, BatchGenerator, StepReport, compacting_order
 from agent.errors import AgentError
 from agent.generation import GenerationRequest, GenerationResult, SequenceRun, generate
 from agent.runtime import LoadedModel, load_model
@@ -48,25 +48,29 @@ def test_batched_greedy_equals_one_at_a_time(model: LoadedModel, chunk: int) -> 
     alone = [generate(model.backend, model.codec, r) for r in reqs]
     results: dict[int, GenerationResult | None] = {}
     streamed: dict[int, list[str]] = {i: [] for i in range(len(reqs))}
-    batch = BatchGenerator(model.backend, max_batch=4, prefill_chunk=chunk)
+    batch: BatchGenerator[int] = BatchGenerator(model.backend, max_batch=4, prefill_chunk=chunk)
+
+    def step() -> None:
+        report = batch.step()
+        for i, text in report.texts:
+            streamed[i].append(text)
+        for end in report.ended:
+            results[end.key] = end.result
 
     def submit(i: int) -> None:
-        run = SequenceRun(
-            reqs[i], model.codec, model.backend.info.max_seq_len, on_text=streamed[i].append
-        )
-        batch.submit(run, lambda _run, result, error: results.__setitem__(i, result))
+        batch.submit(SequenceRun(reqs[i], model.codec, model.backend.info.max_seq_len), i)
 
     submit(0)
     submit(1)
     for _ in range(3):
-        batch.step()
+        step()
     submit(2)  # joins a batch that is 3 steps in
-    batch.step()
+    step()
     submit(3)
     submit(4)  # waits: the batch is full until a row leaves
     steps = 0
     while not batch.idle:
-        batch.step()
+        step()
         steps += 1
         assert steps < 500
     assert sorted(results) == list(range(len(reqs)))
@@ -117,20 +121,36 @@ class RecordingBackend:
         self.inner.close()
 
 
-def _submit(
-    batch: BatchGenerator, model: LoadedModel, request: GenerationRequest, **kwargs: Any
-) -> dict[str, Any]:
-    """Submit one job; the returned dict gets its `result` and `error` when it finishes."""
-    outcome: dict[str, Any] = {}
+class Driver:
+    """Steps a batch and files each row's end under its key (a dict of `result` and `error`)."""
 
-    def finished(
-        _run: SequenceRun, result: GenerationResult | None, error: AgentError | None
-    ) -> None:
-        outcome.update(result=result, error=error)
+    def __init__(self, batch: BatchGenerator[int]) -> None:
+        self.batch = batch
+        self.outcomes: dict[int, dict[str, Any]] = {}
+        self.texts: dict[int, list[str]] = {}
 
-    run = SequenceRun(request, model.codec, model.backend.info.max_seq_len, **kwargs)
-    batch.submit(run, finished)
-    return outcome
+    def submit(self, model: LoadedModel, request: GenerationRequest, **kwargs: Any) -> int:
+        key = len(self.outcomes)
+        self.outcomes[key] = {}
+        self.texts[key] = []
+        run = SequenceRun(request, model.codec, model.backend.info.max_seq_len, **kwargs)
+        self.batch.submit(run, key)
+        return key
+
+    def step(self) -> StepReport[int]:
+        report = self.batch.step()
+        for key, text in report.texts:
+            self.texts[key].append(text)
+        for end in report.ended:
+            self.outcomes[end.key].update(result=end.result, error=end.error)
+        return report
+
+    def until_idle(self) -> None:
+        steps = 0
+        while not self.batch.idle:
+            self.step()
+            steps += 1
+            assert steps < 1000
 
 
 @pytest.fixture(scope="module")
@@ -147,20 +167,19 @@ def test_a_long_prompt_joins_in_chunks_between_the_running_jobs_steps(
     assert len(long_ids) == 60
     long = GenerationRequest(long_ids, 6, ignore_eos=True)
     expected = generate(cpu_model.backend, cpu_model.codec, long)
-    batch = BatchGenerator(backend, max_batch=4, prefill_chunk=16)
-    running = _submit(batch, cpu_model, short)
-    batch.step()
+    driver = Driver(BatchGenerator(backend, max_batch=4, prefill_chunk=16))
+    running = driver.outcomes[driver.submit(cpu_model, short)]
+    driver.step()
     backend.calls.clear()
-    joining = _submit(batch, cpu_model, long)
+    joining = driver.outcomes[driver.submit(cpu_model, long)]
     for _ in range(4):
-        batch.step()
+        driver.step()
     # 60 prompt tokens in chunks of 16, the running job decoding after each; then both decode.
     assert backend.calls == [
         ("prefill", 16), ("decode", 1), ("prefill", 16), ("decode", 1),
         ("prefill", 16), ("decode", 1), ("prefill", 12), ("decode", 2),
     ]  # fmt: skip
-    while not batch.idle:
-        batch.step()
+    driver.until_idle()
     assert joining["error"] is None and running["error"] is None
     assert joining["result"].token_ids == expected.token_ids
     assert len(running["result"].token_ids) == 20
@@ -171,18 +190,60 @@ def test_a_job_cancelled_between_prompt_chunks_stops_there(cpu_model: LoadedMode
     short = GenerationRequest(cpu_model.codec.encode_prompt("Count:"), 8, ignore_eos=True)
     long_ids = cpu_model.codec.encode_prompt("A long question about rivers. " * 12)[:48]
     assert len(long_ids) == 48
-    batch = BatchGenerator(backend, max_batch=4, prefill_chunk=16)
-    running = _submit(batch, cpu_model, short)
-    batch.step()
+    driver = Driver(BatchGenerator(backend, max_batch=4, prefill_chunk=16))
+    running = driver.outcomes[driver.submit(cpu_model, short)]
+    driver.step()
     before = len(backend.calls)
-    cancelled = _submit(
-        batch, cpu_model, GenerationRequest(long_ids, 8), interrupt=lambda: "cancelled"
-    )
-    while not batch.idle:
-        batch.step()
+    cancelled = driver.outcomes[
+        driver.submit(cpu_model, GenerationRequest(long_ids, 8), interrupt=lambda: "cancelled")
+    ]
+    driver.until_idle()
     assert cancelled["error"] is None
     assert cancelled["result"].finish_reason == "cancelled"
     assert cancelled["result"].token_ids == []
     prefills = [call for call in backend.calls[before:] if call[0] == "prefill"]
     assert prefills == [("prefill", 16)]  # the other 32 prompt tokens were never run
     assert running["error"] is None and len(running["result"].token_ids) == 8
+
+
+class FailingRun(SequenceRun):
+    """A run whose own bookkeeping breaks after `after` tokens (as a detokenizer or sampler bug
+    would): the failure is this row's, not the batch's."""
+
+    def __init__(self, *args: Any, after: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.after = after
+
+    def accept(self, logits: Logits) -> bool:
+        if len(self.tokens) >= self.after:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a broken byte in this row")
+        return super().accept(logits)
+
+
+def test_one_failing_row_ends_alone_and_the_others_finish_correctly(
+    cpu_model: LoadedModel,
+) -> None:
+    reqs = [
+        GenerationRequest(cpu_model.codec.encode_messages([{"role": "user", "content": text}]), 16)
+        for text in PROMPTS[:4]
+    ]
+    alone = [generate(cpu_model.backend, cpu_model.codec, r) for r in reqs]
+    driver = Driver(BatchGenerator(cpu_model.backend, max_batch=4))
+    for i, request in enumerate(reqs):
+        if i == 1:  # the second row fails after 3 tokens, mid-batch
+            run = FailingRun(request, cpu_model.codec, cpu_model.backend.info.max_seq_len, after=3)
+            driver.outcomes[1], driver.texts[1] = {}, []
+            driver.batch.submit(run, 1)
+        else:
+            driver.submit(cpu_model, request)
+    driver.until_idle()
+    failed = driver.outcomes[1]
+    assert failed["result"] is None and isinstance(failed["error"], AgentError)
+    assert (
+        failed["error"].code == "engine_error" and "UnicodeDecodeError" in failed["error"].message
+    )
+    for i in (0, 2, 3):
+        got = driver.outcomes[i]
+        assert got["error"] is None, got["error"]
+        assert got["result"].token_ids == alone[i].token_ids, f"row {i} diverged"
+        assert "".join(driver.texts[i]) == got["result"].text == alone[i].text

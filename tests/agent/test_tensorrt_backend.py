@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.backends.kv_layout import KvLayout
 from agent.backends.onnxruntime_backend import OnnxRuntimeBackend
 from agent.backends.tensorrt.backend import TensorRTBackend
 from agent.backends.tensorrt.kv_rows import RowPool
 from agent.backends.tensorrt.ort_engine import HostBuffer, OrtSeamEngine
-from agent.backends.tensorrt.plan import BufferPlan, KvLayout, plan_buffers
+from agent.backends.tensorrt.plan import BufferPlan, plan_buffers
 from agent.backends.tensorrt.profiles import (
     DECODE_PROFILE,
     PREFILL_PROFILE,
@@ -105,7 +106,7 @@ def test_buffers_are_sized_from_the_profile_maxima(engine_factory: Any) -> None:
 def test_kv_rows_are_padded_to_tensorrts_alignment() -> None:
     plan = BufferPlan(
         max_batch=2, max_prefill=4, max_context=5, vocab=7,
-        kv=KvLayout(("past_key_values.0.key",), ("present.0.key",), 1, 3, np.dtype(np.float16)),
+        kv=KvLayout(("past_key_values.0.key",), 1, 3, np.dtype(np.float16)),
         ids_dtype=np.dtype(np.int64), mask_dtype=np.dtype(np.int64), positions_dtype=None,
         logits_dtype=np.dtype(np.float16),
     )  # fmt: skip
@@ -277,20 +278,23 @@ def test_continuous_batching_gives_the_same_tokens(
     ]
     alone = [generate(backend, codec, r) for r in requests]
     results: dict[int, GenerationResult | None] = {}
-    batch = BatchGenerator(backend, max_batch=3)  # type: ignore[arg-type]
+    batch: BatchGenerator[int] = BatchGenerator(backend, max_batch=3)  # type: ignore[arg-type]
 
     def submit(i: int) -> None:
-        run = SequenceRun(requests[i], codec, backend.info.max_seq_len)
-        batch.submit(run, lambda _run, result, error: results.__setitem__(i, result))
+        batch.submit(SequenceRun(requests[i], codec, backend.info.max_seq_len), i)
+
+    def step() -> None:
+        for end in batch.step().ended:
+            results[end.key] = end.result
 
     submit(0)
     submit(1)
-    batch.step()
-    batch.step()
+    step()
+    step()
     submit(2)  # joins a running batch: concat() regroups the KV rows
     submit(3)  # waits for a row to leave: select() drops finished rows
     while not batch.idle:
-        batch.step()
+        step()
     for i, expected in enumerate(alone):
         got = results[i]
         assert got is not None and got.token_ids == expected.token_ids, f"prompt {i} diverged"

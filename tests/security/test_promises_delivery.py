@@ -161,7 +161,7 @@ def test_the_same_id_sent_ten_times_at_once_is_computed_once(
         assert dones, (job_id, events)
         assert all(e == dones[0] for e in dones), f"{job_id} was computed more than once"
         assert all(e["error"]["code"] == "duplicate" for e in others), others
-    assert service._done_count == len(ids), "a job was computed more than once"
+    assert service.done_count == len(ids), "a job was computed more than once"
     journal = sqlite3.connect(service.config.state_dir / JOURNAL_FILE)
     attempts = dict(journal.execute("SELECT job_id, attempts FROM jobs").fetchall())
     journal.close()
@@ -370,7 +370,7 @@ def test_deltas_waiting_for_a_stalled_broker_are_merged_and_still_add_up(
         own.freeze()
         try:
             deadline = time.monotonic() + 60
-            while service._done_count < 1:
+            while service.done_count < 1:
                 assert time.monotonic() < deadline, "the job never finished"
                 time.sleep(0.05)
         finally:
