@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,3 +99,50 @@ def test_a_schema_1_journal_is_upgraded_and_its_answers_count_as_delivered(
     assert journal.unacked_answers() == []  # not re-sent after the upgrade
     assert journal.stored_answer("old") == json.loads(answer)
     journal.close()
+
+
+def test_a_full_intake_answers_jobs_queue_full_at_once_and_keeps_commands_apart() -> None:
+    """paho's thread never waits: past the FIFO's capacity a job is refused from a cheap read of
+    its id (on its own results topic), a cancel has its own room, and nothing is parsed early."""
+    from agent.config import TelemetryConfig
+    from agent.intake import Intake, Serving
+    from agent.job_queue import JobQueue, ResultStore
+    from agent.journal_writer import JournalWriter
+    from agent.lifecycle import ActiveIds, JobBook
+    from agent.mqtt_link import Incoming
+    from agent.telemetry import TelemetryCollector
+
+    refused: list[tuple[str, dict[str, Any]]] = []
+    topics = Topics("edgellm", "orin-01")
+    book = JobBook(
+        ids=ActiveIds(),
+        results=ResultStore(4),
+        writer=JournalWriter(None, lambda exc: None, lambda: None),
+        telemetry=TelemetryCollector(TelemetryConfig()),
+        device_id="orin-01",
+        refuse=lambda reply, job_id, code, message: None,
+    )
+    intake = Intake(
+        topics=topics,
+        limits=RequestLimits(),
+        queue=JobQueue(4),
+        book=book,
+        journal=None,
+        serving=Serving(lambda: None, lambda: 0, lambda: True, lambda: None),
+        stream=lambda job_id, reply: None,  # type: ignore[arg-type,return-value]
+        refuse_payload=lambda reply, payload: refused.append((reply.topic, payload)),
+        on_update=None,
+        journal_failed=lambda exc: None,
+        journal_ok=lambda: None,
+        capacity=2,
+    )  # not started: everything submitted waits
+    for n in range(3):
+        payload = json.dumps({"id": f"j-{n}", "prompt": "hi"}).encode()
+        intake.submit(Incoming(topics.jobs, payload, None, None))
+    intake.submit(Incoming(topics.jobs, b"not json", None, None))
+    intake.submit(Incoming(topics.cancel, b'{"id": "j-0"}', None, None))
+    assert [(topic, event["id"], event["error"]["code"]) for topic, event in refused] == [
+        ("edgellm/orin-01/results/j-2", "j-2", "queue_full"),
+        ("edgellm/orin-01/results/_invalid", None, "queue_full"),
+    ]
+    assert intake._jobs_waiting == 2 and intake._commands_waiting == 1
