@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from agent.backends.kv_layout import KvLayout
+from agent.backends.kv_layout import KvLayout, pad_left
 
 
 @dataclass
@@ -69,10 +69,10 @@ class PastPresentCache:
     def concat(self, states: list[PastPresentState]) -> PastPresentState:
         length = max(st.length for st in states)
         batch = sum(st.batch_size for st in states)
-        mask = np.concatenate([_pad_left(st.attention_mask, length, axis=1) for st in states])
+        mask = np.concatenate([pad_left(st.attention_mask, length, axis=1) for st in states])
         past = {
             name: ort.OrtValue.ortvalue_from_numpy(
-                np.concatenate([_pad_left(st.past[name].numpy(), length, axis=2) for st in states])
+                np.concatenate([pad_left(st.past[name].numpy(), length, axis=2) for st in states])
             )
             for name in self._layout.past_names
         }
@@ -89,12 +89,3 @@ class PastPresentCache:
             for name, value in state.past.items()
         }
         return PastPresentState(len(rows), np.ascontiguousarray(mask[:, first:]), past)
-
-
-def _pad_left(array: np.ndarray, length: int, axis: int) -> np.ndarray:
-    missing = length - array.shape[axis]
-    if missing == 0:
-        return array
-    widths = [(0, 0)] * array.ndim
-    widths[axis] = (missing, 0)
-    return np.pad(array, widths)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from agent.backends.base import BackendInfo, Logits, TokenIds
+from agent.backends.kv_layout import pad_left
 from agent.backends.tensorrt.kv_rows import RowLease, RowPool
 from agent.backends.tensorrt.plan import BufferPlan, plan_buffers
 from agent.backends.tensorrt.profiles import (
@@ -151,7 +152,7 @@ class TensorRTBackend:
                     state, list(range(state.batch_size)), lease, row, length, first_column=0
                 )
                 row += state.batch_size
-        mask = np.concatenate([_pad_left(st.attention_mask, length) for st in states])
+        mask = np.concatenate([pad_left(st.attention_mask, length, axis=1) for st in states])
         for state in states:
             self._retire(state)
         return self._state(batch, mask, lease, front=1 - front)
@@ -344,8 +345,3 @@ class TensorRTBackend:
     def _free(self) -> None:
         while self._buffers:
             self._buffers.pop().close()
-
-
-def _pad_left(mask: np.ndarray[Any, Any], length: int) -> np.ndarray[Any, Any]:
-    missing = length - mask.shape[1]
-    return np.pad(mask, ((0, 0), (missing, 0))) if missing else mask

@@ -13,14 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from agent.backends.kv_layout import KvLayout, layer_order, present_name
 from agent.backends.tensorrt.profiles import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
-    PAST_RE,
     POSITION_IDS,
     PREFILL_PROFILE,
-    present_name,
 )
 from agent.backends.tensorrt.seam import InferenceEngine, Shape
 from agent.errors import BundleError
@@ -29,17 +28,6 @@ from agent.errors import BundleError
 # (NvInferRuntime.h; https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/c-api/
 # classnvinfer1_1_1_i_execution_context.html).
 TENSOR_ALIGNMENT = 256
-
-
-@dataclass(frozen=True)
-class KvLayout:
-    """The cache tensors, in layer order, and the shape facts every one of them shares."""
-
-    past_names: tuple[str, ...]
-    present_names: tuple[str, ...]
-    kv_heads: int
-    head_dim: int
-    dtype: np.dtype[Any]
 
 
 @dataclass(frozen=True)
@@ -106,10 +94,7 @@ class BufferPlan:
 def plan_buffers(engine: InferenceEngine, max_context: int | None = None) -> BufferPlan:
     """Size every buffer from the engine's profiles; `max_context` may only lower the context."""
     inputs, outputs = set(engine.input_names), set(engine.output_names)
-    pasts = sorted(
-        (name for name in inputs if PAST_RE.match(name)),
-        key=lambda n: (int(PAST_RE.match(n).group(1)), n.endswith(".value")),  # type: ignore[union-attr]
-    )
+    pasts = layer_order(inputs)
     missing = [n for n in (INPUT_IDS, ATTENTION_MASK) if n not in inputs]
     missing += [n for n in (LOGITS, *map(present_name, pasts)) if n not in outputs]
     if not pasts or missing:
@@ -144,11 +129,7 @@ def plan_buffers(engine: InferenceEngine, max_context: int | None = None) -> Buf
         max_context=capacity,
         vocab=vocab,
         kv=KvLayout(
-            past_names=tuple(pasts),
-            present_names=tuple(present_name(n) for n in pasts),
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            dtype=kv_dtypes.pop(),
+            past_names=tuple(pasts), kv_heads=kv_heads, head_dim=head_dim, dtype=kv_dtypes.pop()
         ),
         ids_dtype=engine.dtype(INPUT_IDS),
         mask_dtype=engine.dtype(ATTENTION_MASK),

@@ -27,10 +27,10 @@ and distinct). ONNX Runtime GenAI builds its TensorRT profiles the same way
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from agent.backends.kv_layout import layer_order
 from agent.backends.tensorrt.seam import ProfileShape, Shape
 
 PREFILL_PROFILE = 0
@@ -40,16 +40,10 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
-PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 # The shapes TensorRT tunes its kernels for (the "opt" of each profile): one chat turn, one row.
 OPT_PREFILL_TOKENS = 256
 OPT_DECODE_CONTEXT = 512
-
-
-def present_name(past_name: str) -> str:
-    """`past_key_values.3.key` -> `present.3.key`: where the graph writes the grown cache."""
-    return past_name.replace("past_key_values.", "present.", 1)
 
 
 @dataclass(frozen=True)
@@ -82,7 +76,7 @@ def llm_profiles(
     problems = limits.problems()
     if problems:
         raise ValueError("; ".join(problems))
-    pasts = sorted(name for name in inputs if PAST_RE.match(name))
+    pasts = layer_order(inputs)
     if not pasts:
         raise ValueError("the graph has no past_key_values inputs (export it with a KV cache)")
     for required in (INPUT_IDS, ATTENTION_MASK):
