@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -14,7 +13,14 @@ from types import FrameType
 
 from agent import __version__, sdnotify
 from agent.config import load_config, with_overrides
-from agent.errors import AgentError, ConfigError
+from agent.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    AgentError,
+    ConfigError,
+)
 
 log = logging.getLogger("edge-agent")
 
@@ -43,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
         bundle=args.bundle,
         state_dir=args.state_dir,
     )
-    _check_state_dir(config.state_dir)
+    config.state.check_writable()
     log.info("edge-agent %s, device %s", __version__, config.device_id)
     probation = ProbationGuard(
         config.state_dir, config.ota.probation_crashes, config.ota.probation_window_s
@@ -108,25 +114,7 @@ def _run(args: argparse.Namespace) -> int:
         service.model.backend.close()
     probation.on_clean_exit()
     log.info("stopped")
-    return 0
-
-
-def _check_state_dir(state_dir: Path) -> None:
-    """The journal, the OTA slots and the probation record all live here: a directory the agent
-    cannot write (a read-only mount, a path under a file) is a config error, said in one line
-    before anything starts, not a traceback from whichever write happens first."""
-    probe = state_dir / f".edge-agent-probe-{os.getpid()}"
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ConfigError(
-            "bad_state_dir",
-            f"the state dir {state_dir} is not writable ({reason}): point --state-dir or "
-            "[state] dir at a writable directory",
-        ) from exc
+    return EXIT_OK
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -152,9 +140,9 @@ def _bench(args: argparse.Namespace) -> int:
         results = run_bench(args.bundle, settings, peers, progress=_progress_to_stderr)
     except KeyboardInterrupt:
         print("edge-agent: bench interrupted; its workers were stopped", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     print(to_json(results, settings) if args.json else format_table(results))
-    return 1 if any("error" in r for r in results) else 0
+    return EXIT_FAILED if any("error" in r for r in results) else EXIT_OK
 
 
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -242,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except AgentError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT  # agent/errors.py: the exit codes of the three tools
 
 
 if __name__ == "__main__":

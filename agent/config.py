@@ -1,22 +1,38 @@
 """Agent configuration: a TOML file, flag overrides, and a sane default for every key.
 
 `edge-agent run --bundle DIR` alone works against a broker on localhost:1883 (DESIGN.md).
+
+The file's schema is the dataclasses below: `ConfigFile` has one field per `[section]`, each
+section one field per key, and a key's type is its type hint (`typing.get_type_hints`), not its
+default value. An unknown section or key, or a value of the wrong type, is a `bad_config` error
+naming `section.key`, the expected type and the value, in one line.
+
+A leaf: this module imports only the standard library, agent.errors and agent.state_dir (the
+fleet tool imports it on a laptop without numpy or tokenizers; tests/test_layering.py checks).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from agent.batching import PREFILL_CHUNK
 from agent.errors import ConfigError
-from agent.jobs import JOB_ID_RE
-from agent.telemetry.config import TelemetryConfig, validate_telemetry
-from agent.topics import is_valid_topic_filter
+from agent.state_dir import StateDir
+
+# The device id goes into topics: the contract's id syntax (agent.jobs.JOB_ID_RE, the same).
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Prompt tokens prefilled per step by default (agent.batching.PREFILL_CHUNK, the same; a test
+# keeps the two equal).
+PREFILL_CHUNK = 256
+TEGRASTATS = "/usr/bin/tegrastats"
+DEFAULT_TEGRASTATS_CMD = f"{TEGRASTATS} --interval 1000"
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,9 @@ class OtaConfig:
     # Probation after a switch: this many abnormal exits within the window roll back by themselves.
     probation_crashes: int = 3
     probation_window_s: float = 600.0
+    # Starts of an update's verify-and-test stage (each written before the candidate is loaded):
+    # after this many, a candidate that keeps killing the agent ends `failed`/`crash_loop`.
+    max_attempts: int = 3
     # A download must finish within this many seconds (all retries included) ...
     download_deadline_s: float = 3600.0
     # ... and receive at least this many bytes per second over every window of
@@ -104,6 +123,75 @@ class OtaConfig:
             raise ConfigError("bad_config", "[ota] download_min_rate_bps must be >= 0 (0 = off)")
 
 
+def default_tegrastats_cmd() -> str | None:
+    """On a Jetson (JetPack installs /usr/bin/tegrastats) read it; elsewhere there is none."""
+    return DEFAULT_TEGRASTATS_CMD if os.path.exists(TEGRASTATS) else None
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """`[telemetry]`. `tegrastats_cmd` is a whole command line, not a flag, so recorded tegrastats
+    output can be replayed through the same code path the device uses (`cat capture.txt`)."""
+
+    interval_s: float = 10.0
+    # None or "" = do not run tegrastats (NVML or /proc is used instead).
+    tegrastats_cmd: str | None = field(default_factory=default_tegrastats_cmd)
+    # Prometheus /metrics endpoint; 0 = off. Bound to metrics_addr only: loopback by default, since
+    # the figures describe the site's workload.
+    metrics_port: int = 0
+    metrics_addr: str = "127.0.0.1"
+
+
+def validate_telemetry(config: TelemetryConfig) -> TelemetryConfig:
+    """Reject values that would make the publisher spin or the metrics server fail late."""
+    if not 0.5 <= config.interval_s <= 3600:
+        raise ConfigError(
+            "bad_config",
+            f"telemetry.interval_s {config.interval_s} must be between 0.5 and 3600 seconds",
+        )
+    if not 0 <= config.metrics_port <= 65535:
+        raise ConfigError(
+            "bad_config",
+            f"telemetry.metrics_port {config.metrics_port} is not a TCP port (0 = off)",
+        )
+    return config
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    """`[device]`: `id` is the device id used in topics (default: the host name)."""
+
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class BundleSection:
+    """`[bundle]`: `path` is the bundle directory run when no OTA slot holds one."""
+
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class StateSection:
+    """`[state]`: `dir` holds the journal, the OTA slots and state (agent/state_dir.py)."""
+
+    dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """The schema of agent.toml: one field per section."""
+
+    device: DeviceSection = DeviceSection()
+    bundle: BundleSection = BundleSection()
+    state: StateSection = StateSection()
+    mqtt: MqttConfig = MqttConfig()
+    jobs: JobsConfig = JobsConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    ota: OtaConfig = OtaConfig()
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     device_id: str = field(default_factory=lambda: _default_device_id())
@@ -115,10 +203,15 @@ class AgentConfig:
     ota: OtaConfig = OtaConfig()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
+    @property
+    def state(self) -> StateDir:
+        """The paths inside the state dir."""
+        return StateDir(self.state_dir)
+
 
 def _default_device_id() -> str:
     name = socket.gethostname().split(".")[0]
-    return name if JOB_ID_RE.match(name) else "edge-device"
+    return name if DEVICE_ID_RE.match(name) else "edge-device"
 
 
 def _default_state_dir() -> Path:
@@ -127,32 +220,79 @@ def _default_state_dir() -> Path:
     return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "edge-agent"
 
 
-def _section(cls: type[Any], raw: Any, name: str) -> Any:
-    if raw is None:
-        return cls()
+def _kind(hint: Any) -> str:
+    """A type hint as the config error names it."""
+    options = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) in (Union, types.UnionType) and len(options) == 1:
+        return _kind(options[0])
+    if get_origin(hint) is tuple:
+        return "a list of strings"
+    if hint is Path:
+        return "a path (a string)"
+    if hint is float:
+        return "a number"
+    return {bool: "true or false", int: "an integer", str: "a string"}.get(hint, str(hint))
+
+
+# What a TOML value of each scalar type may be (an integer is a fine float, a bool no integer).
+_ACCEPTS: dict[Any, Callable[[Any], bool]] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    Path: lambda v: isinstance(v, str),
+}
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    """`value` (as TOML gives it) as the type `hint` says, or raise TypeError."""
+    if get_origin(hint) in (Union, types.UnionType):  # `X | None`: TOML has no null, so X
+        (inner,) = [a for a in get_args(hint) if a is not type(None)]
+        return _convert(inner, value)
+    if get_origin(hint) is tuple:
+        if not isinstance(value, list):
+            raise TypeError(hint)
+        return tuple(_convert(get_args(hint)[0], v) for v in value)
+    accepts = _ACCEPTS.get(hint)
+    if accepts is None or not accepts(value):
+        raise TypeError(hint)
+    return hint(value)
+
+
+def _read_table(cls: type[Any], raw: Any, name: str | None, source: str) -> Any:
+    """A TOML table as the dataclass `cls`: the whole file (`name` None: its keys are sections)
+    or the section `[name]`, every key checked against its type hint."""
     if not isinstance(raw, dict):
-        raise ConfigError("bad_config", f"[{name}] must be a table")
-    known = {f.name: f for f in fields(cls)}
+        raise ConfigError("bad_config", f"[{name}] must be a table, got {name} = {raw!r}")
+    hints = get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
     unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise ConfigError("bad_config", f"[{name}]: unknown key(s) {', '.join(unknown)}")
+        if name is None:
+            what = f"{source}: unknown section(s) {', '.join(f'[{k}]' for k in unknown)}"
+        else:
+            what = (
+                f"[{name}]: unknown key(s) {', '.join(f'{name}.{k} = {raw[k]!r}' for k in unknown)}"
+            )
+        raise ConfigError("bad_config", f"{what} (known: {', '.join(known)})")
     values: dict[str, Any] = {}
-    defaults = cls()
     for key, value in raw.items():
-        expected = type(getattr(defaults, key))
-        if getattr(defaults, key) is None:
-            expected = str
-        if isinstance(getattr(defaults, key), Path) and isinstance(value, str):
-            value = Path(value)
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if expected is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            value = tuple(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            kind = "a list of strings" if expected is tuple else expected.__name__
-            raise ConfigError("bad_config", f"[{name}] {key} must be {kind}, got {value!r}")
-        values[key] = value
+        if name is None:
+            values[key] = _read_table(hints[key], value, key, source)
+            continue
+        try:
+            values[key] = _convert(hints[key], value)
+        except TypeError:
+            raise ConfigError(
+                "bad_config", f"{name}.{key} must be {_kind(hints[key])}, got {value!r}"
+            ) from None
     return cls(**values)
+
+
+def read_config_file(raw: dict[str, Any], source: str = "the config") -> ConfigFile:
+    """A parsed agent.toml as `ConfigFile`: unknown sections and keys and wrong types refused."""
+    file: ConfigFile = _read_table(ConfigFile, raw, None, source)
+    return file
 
 
 def load_config(path: Path | None) -> AgentConfig:
@@ -163,26 +303,20 @@ def load_config(path: Path | None) -> AgentConfig:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("bad_config", f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError("bad_config", f"cannot read {path}: {exc.strerror or exc}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("bad_config", f"{path} is not valid TOML: {exc}") from exc
-    sections = {"device", "bundle", "state", "mqtt", "jobs", "runtime", "ota", "telemetry"}
-    unknown = sorted(set(raw) - sections)
-    if unknown:
-        raise ConfigError("bad_config", f"{path}: unknown section(s) {', '.join(unknown)}")
+    file = read_config_file(raw, str(path))
     config = AgentConfig(
-        mqtt=_section(MqttConfig, raw.get("mqtt"), "mqtt"),
-        jobs=_section(JobsConfig, raw.get("jobs"), "jobs"),
-        runtime=_section(RuntimeConfig, raw.get("runtime"), "runtime"),
-        ota=_section(OtaConfig, raw.get("ota"), "ota"),
-        telemetry=_section(TelemetryConfig, raw.get("telemetry"), "telemetry"),
+        mqtt=file.mqtt, jobs=file.jobs, runtime=file.runtime, ota=file.ota, telemetry=file.telemetry
     )
-    device = raw.get("device", {})
-    if "id" in device:
-        config = replace(config, device_id=str(device["id"]))
-    if "path" in raw.get("bundle", {}):
-        config = replace(config, bundle=Path(raw["bundle"]["path"]))
-    if "dir" in raw.get("state", {}):
-        config = replace(config, state_dir=Path(raw["state"]["dir"]))
+    if file.device.id is not None:
+        config = replace(config, device_id=file.device.id)
+    if file.bundle.path is not None:
+        config = replace(config, bundle=file.bundle.path)
+    if file.state.dir is not None:
+        config = replace(config, state_dir=file.state.dir)
     return validate(config)
 
 
@@ -210,7 +344,9 @@ def with_overrides(
 
 
 def validate(config: AgentConfig) -> AgentConfig:
-    if not JOB_ID_RE.match(config.device_id):
+    from agent.topics import is_valid_topic_filter  # paho's, imported when checked, not on import
+
+    if not DEVICE_ID_RE.match(config.device_id):
         raise ConfigError(
             "bad_config", f"device id {config.device_id!r}: use 1-128 characters of A-Za-z0-9._:-"
         )

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.errors import AgentError
+from agent.state_dir import JOURNAL_FILE as JOURNAL_FILE  # re-exported: tests import it here
+from agent.state_dir import StateDir
 
 log = logging.getLogger(__name__)
 
-JOURNAL_FILE = "journal.sqlite3"
 SCHEMA_VERSION = 2  # 2: acked_at
 JobState = Literal["accepted", "started", "done", "failed"]
 
@@ -127,7 +128,7 @@ class JobJournal:
 
     @classmethod
     def in_state_dir(cls, state_dir: Path, retention_s: float = 86400.0) -> JobJournal:
-        return cls(state_dir / JOURNAL_FILE, retention_s)
+        return cls(StateDir(state_dir).journal, retention_s)
 
     # --- the job lifecycle ----------------------------------------------------------------
 
