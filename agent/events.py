@@ -1,27 +1,56 @@
-"""Builders for the JSON payloads the agent publishes (DESIGN.md: job events and status)."""
+"""Builders for the JSON payloads the agent publishes (DESIGN.md: job events and status).
+
+Thin wrappers over the contract's types (`agent.contract.events`), in the shape the agent calls
+them; the payloads are the types' `to_payload()`.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
+from agent.contract.events import (
+    Accepted,
+    Delta,
+    DeviceState,
+    DeviceStatus,
+    Done,
+    EngineInfo,
+    JobFailed,
+    Timing,
+    Usage,
+    utc_now_iso,
+)
 from agent.generation import FinishReason, GenerationResult
 
+__all__ = [
+    "accepted",
+    "delta",
+    "done",
+    "done_from_result",
+    "engine_of",
+    "error",
+    "status",
+    "utc_now_iso",
+]
 
-def utc_now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+def engine_of(engine: dict[str, str] | None) -> EngineInfo | None:
+    """The contract's `EngineInfo` from the dict a manifest's `engine_info()` gives."""
+    if engine is None:
+        return None
+    return EngineInfo(engine["name"], engine["version"], engine["precision"], engine["backend"])
 
 
-def accepted(job_id: str, queue_position: int) -> dict[str, Any]:
-    return {"id": job_id, "event": "accepted", "queue_position": queue_position}
+def accepted(job_id: str, queue_position: int, device: str | None = None) -> dict[str, Any]:
+    return Accepted(job_id, queue_position, device).to_payload()
 
 
 def delta(job_id: str, seq: int, text: str) -> dict[str, Any]:
-    return {"id": job_id, "event": "delta", "seq": seq, "text": text}
+    return Delta(job_id, seq, text).to_payload()
 
 
 def error(job_id: str | None, code: str, message: str) -> dict[str, Any]:
-    return {"id": job_id, "event": "error", "error": {"code": code, "message": message}}
+    return JobFailed(job_id, code, message).to_payload()
 
 
 def done(
@@ -38,21 +67,15 @@ def done(
     engine: dict[str, str] | None,
     device: str,
 ) -> dict[str, Any]:
-    return {
-        "id": job_id,
-        "event": "done",
-        "text": text,
-        "finish_reason": finish_reason,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-        "timing": {
-            "queue_ms": round(queue_ms, 2),
-            "ttft_ms": round(ttft_ms, 2),
-            "total_ms": round(total_ms, 2),
-            "tokens_per_s": round(tokens_per_s, 2),
-        },
-        "engine": engine,
-        "device": device,
-    }
+    return Done(
+        id=job_id,
+        text=text,
+        finish_reason=finish_reason,
+        usage=Usage(prompt_tokens, completion_tokens),
+        timing=Timing(queue_ms, ttft_ms, total_ms, tokens_per_s),
+        engine=engine_of(engine),
+        device=device,
+    ).to_payload()
 
 
 def done_from_result(
@@ -80,7 +103,7 @@ def done_from_result(
 
 
 def status(
-    state: str, agent_version: str, engine: dict[str, str] | None, since: str
+    state: DeviceState | str, agent_version: str, engine: dict[str, str] | None, since: str
 ) -> dict[str, Any]:
     """The retained status; `engine` is None while the device has no working model."""
-    return {"state": state, "agent_version": agent_version, "engine": engine, "since": since}
+    return DeviceStatus(state, agent_version, engine_of(engine), since).to_payload()  # type: ignore[arg-type]

@@ -8,20 +8,28 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.bundle import MANIFEST_FORMAT, MANIFEST_NAME, Arch, file_table
+from agent.contract import bundle as contract
+from agent.contract.bundle import TOKENIZER_FILE, TOKENIZER_FILES, Arch, Backend
+from agent.contract.errors import ContractError
 from build_engine.errors import BuildError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+__all__ = [
+    "TOKENIZER_FILES",
+    "eos_token_ids",
+    "publish_bundle",
+    "write_json",
+    "write_manifest",
+    "write_tokenizer",
+]
 
 
 def write_tokenizer(tokenizer: Any, bundle_dir: Path, scratch: Path) -> None:
     """Save the tokenizer with transformers, keep only what the agent reads."""
     tokenizer.save_pretrained(str(scratch))
-    if not (scratch / "tokenizer.json").is_file():
+    if not (scratch / TOKENIZER_FILE).is_file():
         raise BuildError(
             "no_fast_tokenizer",
             "the model's tokenizer has no tokenizer.json (a 'fast' tokenizer is required on the "
@@ -61,33 +69,29 @@ def write_manifest(
     quality: dict[str, Any],
     tokenizer: dict[str, Any],
     build: dict[str, Any],
+    backend: Backend = "onnxruntime",
+    target: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Hash every file already in the bundle and write manifest.json last."""
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "name": name,
-        "version": version,
-        "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "source": source,
-        "arch": {
-            "model_type": arch.model_type,
-            "layers": arch.layers,
-            "kv_heads": arch.kv_heads,
-            "head_dim": arch.head_dim,
-            "hidden": arch.hidden,
-            "vocab": arch.vocab,
-            "max_seq_len": arch.max_seq_len,
-        },
-        "backend": "onnxruntime",
-        "precision": precision,
-        "target": None,
-        "files": file_table(bundle_dir),
-        "quality": quality,
-        "tokenizer": tokenizer,
-        "build": build,
-    }
-    write_json(bundle_dir / MANIFEST_NAME, manifest)
-    return manifest
+    """Hash every file already in the bundle and write manifest.json last, with the contract's
+    one writer (`edge-build export` and `edge-build compile` both come here). Returns the
+    manifest as written."""
+    manifest = contract.new_manifest(
+        bundle_dir,
+        name=name,
+        version=version,
+        source=source,
+        arch=arch,
+        backend=backend,
+        precision=precision,
+        target=target,
+        quality=quality,
+        tokenizer=tokenizer,
+        build=build,
+    )
+    try:
+        return contract.write_manifest(bundle_dir, manifest).raw
+    except ContractError as exc:  # a bug of the build, not of its input: say so plainly
+        raise BuildError(exc.code, f"the build made an invalid manifest: {exc.message}") from exc
 
 
 def publish_bundle(staging: Path, out: Path, force: bool) -> None:

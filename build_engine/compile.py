@@ -15,19 +15,18 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from agent.backends.tensorrt.profiles import ProfileLimits, llm_profiles
-from agent.bundle import MANIFEST_FORMAT, MANIFEST_NAME, Bundle, Manifest, file_table, open_bundle
-from agent.canary import GOLDEN_FILE, CanaryResult, golden_document, read_golden, run_canaries
-from agent.runtime import ENGINE_FILE, ONNX_MODEL_FILE
+from agent.bundle import Bundle, Manifest, open_bundle
+from agent.canary import CanaryResult, golden_document, read_golden, run_canaries
+from agent.contract.bundle import ENGINE_FILE, GOLDEN_FILE, ONNX_MODEL_FILE
 from agent.target import DeviceTarget, detect_target
 from agent.text import TextCodec
 from build_engine import __version__
-from build_engine.bundle_writer import TOKENIZER_FILES, publish_bundle, write_json
+from build_engine.bundle_writer import TOKENIZER_FILES, publish_bundle, write_json, write_manifest
 from build_engine.errors import BuildError
 from build_engine.progress import Progress, Steps
 from build_engine.quantize.cpu_attention import has_cpu_attention
@@ -283,25 +282,19 @@ def _manifest(
 ) -> dict[str, Any]:
     """The same schema `edge-build export` writes, for backend "tensorrt" with a target."""
     src = source.manifest
-    arch = dict(src.raw["arch"])
-    arch["max_seq_len"] = limits.max_context  # the engine holds no more than this
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "name": options.name or src.name,
-        "version": options.version or src.version,
-        "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "source": src.source,
-        "arch": arch,
-        "backend": "tensorrt",
-        "precision": src.precision,
-        "target": target.to_manifest(),
-        "files": file_table(staging),
-        "quality": {**quality, "onnx_bundle": src.quality},
-        "tokenizer": src.tokenizer,
-        "build": build,
-    }
-    write_json(staging / MANIFEST_NAME, manifest)
-    return manifest
+    return write_manifest(
+        staging,
+        name=options.name or src.name,
+        version=options.version or src.version,
+        source=src.source,
+        arch=replace(src.arch, max_seq_len=limits.max_context),  # the engine holds no more
+        backend="tensorrt",
+        precision=src.precision,
+        target=target.to_manifest(),
+        quality={**quality, "onnx_bundle": src.quality},
+        tokenizer=src.tokenizer,
+        build=build,
+    )
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import MqttConfig, validate_tls
+from agent.contract.bundle import SIGNATURE_FILE
 from agent.errors import AgentError, ConfigError
 from fleet import __version__
 from fleet.certs import (
@@ -22,7 +23,7 @@ from fleet.certs import (
 )
 from fleet.certs import make_server as make_server_cert
 from fleet.pack import pack_bundle
-from fleet.prompt import NoAnswer, PromptJob, print_event, send_prompt
+from fleet.prompt import BadJob, NoAnswer, PromptJob, print_event, send_prompt
 from fleet.rollout import DeviceResult, format_summary, parse_max_failures, rollout
 from fleet.serve import ServeKnobs, make_server
 from fleet.signing import generate_keypair, load_trusted, sign_bundle, verify_bundle
@@ -85,6 +86,9 @@ def _prompt(args: argparse.Namespace) -> int:
     except NoAnswer as exc:
         print(f"edge-fleet: error: {exc}", file=sys.stderr)
         return 3
+    except BadJob as exc:
+        print(f"edge-fleet: error: {exc}", file=sys.stderr)
+        return 2
     return 0 if final.get("event") == "done" else 1
 
 
@@ -107,7 +111,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _sign(args: argparse.Namespace) -> int:
     key_id = sign_bundle(args.bundle, args.key)
-    print(f"signed {args.bundle} with key {key_id}: wrote {args.bundle / 'manifest.sig'}")
+    print(f"signed {args.bundle} with key {key_id}: wrote {args.bundle / SIGNATURE_FILE}")
     print(f"next: edge-fleet pack {args.bundle} --out FILE.tar")
     return 0
 

@@ -22,7 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from agent.bundle import MANIFEST_NAME, SIGNATURE_NAME, Manifest, bundle_files, read_manifest
+from agent.bundle import read_manifest
+from agent.contract.bundle import MANIFEST_FILE as MANIFEST_NAME
+from agent.contract.bundle import SIGNATURE_FILE as SIGNATURE_NAME
+from agent.contract.bundle import Manifest, bundle_files
 from agent.errors import BundleError
 from agent.signing import TrustedKey, read_signature, verify_bundle_signature
 

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from agent.config import MqttConfig
+from agent.contract.errors import ContractError
+from agent.contract.events import FINAL_EVENTS
+from agent.contract.jobs import DEFAULT_MAX_TOKENS, JobSpec, Message
+from agent.errors import AgentError
 from agent.mqtt_link import Incoming, MqttLink, Subscription
 from agent.topics import Topics
 from fleet.resubmit import RETRY_CODES, FleetSubmitter
@@ -24,30 +28,43 @@ from fleet.resubmit import RETRY_CODES, FleetSubmitter
 class PromptJob:
     text: str
     device: str | None  # None = any device of the fleet (shared subscription)
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
     raw: bool = False  # send `prompt` (plain completion) instead of a chat message
     system: str | None = None
     stream: bool = True
     job_id: str | None = None
 
-    def payload(self, job_id: str) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "id": job_id,
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "stream": self.stream,
-        }
+    def spec(self, job_id: str) -> JobSpec:
+        """The job request, validated as a device validates it (raises BadJob otherwise)."""
         if self.raw:
-            body["prompt"] = self.text
+            prompt, messages = self.text, None
         else:
-            messages = [{"role": "system", "content": self.system}] if self.system else []
-            body["messages"] = [*messages, {"role": "user", "content": self.text}]
-        return body
+            system = (Message("system", self.system),) if self.system else ()
+            prompt, messages = None, (*system, Message("user", self.text))
+        spec = JobSpec(
+            id=job_id,
+            prompt=prompt,
+            messages=messages,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            stream=self.stream,
+        )
+        try:
+            return spec.checked()
+        except ContractError as exc:
+            raise BadJob(exc.code, f"a device would refuse this job: {exc.message}") from None
+
+    def payload(self, job_id: str) -> dict[str, Any]:
+        return self.spec(job_id).to_payload()
 
 
 class NoAnswer(Exception):
     pass
+
+
+class BadJob(AgentError):
+    """The job breaks the contract (`invalid_request`): it is not sent."""
 
 
 def send_prompt(
@@ -59,8 +76,9 @@ def send_prompt(
 ) -> dict[str, Any]:
     """Publish the job, pass every event to `on_event`, return the final `done` or `error`."""
     job_id = job.job_id or f"prompt-{uuid.uuid4().hex[:12]}"
+    payload = job.payload(job_id)  # BadJob before any connection if a device would refuse it
     if job.device is None:
-        return _send_to_fleet(broker, job, job_id, timeout_s=timeout_s, on_event=on_event)
+        return _send_to_fleet(broker, payload, job_id, timeout_s=timeout_s, on_event=on_event)
     device_topics = Topics(broker.prefix, job.device or "+")
     results = device_topics.results(job_id)
     events: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -83,7 +101,7 @@ def send_prompt(
             raise NoAnswer(f"cannot reach the broker at {broker.host}:{broker.port}")
         time.sleep(0.2)  # let the SUBACK land before the job can be answered
         topic = device_topics.jobs if job.device else device_topics.fleet_jobs
-        link.publish(topic, job.payload(job_id))
+        link.publish(topic, payload)
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -94,14 +112,14 @@ def send_prompt(
             except queue.Empty:
                 continue
             on_event(event)
-            if event.get("event") in ("done", "error"):
+            if event.get("event") in FINAL_EVENTS:
                 return event
     finally:
         link.stop()
 
 
 def _send_to_fleet(
-    broker: MqttConfig, job: PromptJob, job_id: str, *, timeout_s: float, on_event: Any
+    broker: MqttConfig, payload: dict[str, Any], job_id: str, *, timeout_s: float, on_event: Any
 ) -> dict[str, Any]:
     """The fleet path: any one device answers, another one if it dies. When the answer has to
     start over on another device, `on_event` gets a `resent` event (this tool's own, not the
@@ -122,7 +140,7 @@ def _send_to_fleet(
 
     try:
         with FleetSubmitter(broker, on_event=relay) as submitter:
-            submitter.submit(job.payload(job_id))
+            submitter.submit(payload)
             final = submitter.wait([job_id], timeout_s)[job_id]
     except ConnectionError:
         raise NoAnswer(f"cannot reach the broker at {broker.host}:{broker.port}") from None

@@ -37,13 +37,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import MqttConfig
+from agent.contract.errors import RETRY_CODES
+from agent.contract.events import JobFailed
+from agent.contract.jobs import MAX_PRIORITY
 from agent.mqtt_link import Incoming, MqttLink, Subscription
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
 
-RETRY_CODES = frozenset({"queue_full", "shutting_down"})
-MAX_PRIORITY = 1000
+__all__ = ["MAX_PRIORITY", "RETRY_CODES", "FleetSubmitter", "Resubmission", "ResubmitPolicy"]
 
 
 @dataclass(frozen=True)
@@ -310,4 +312,4 @@ class FleetSubmitter:
 
 def _gave_up(job_id: str, message: str) -> dict[str, Any]:
     """The submitter's own final event (code `no_device`, not one of the agent's codes)."""
-    return {"id": job_id, "event": "error", "error": {"code": "no_device", "message": message}}
+    return JobFailed(job_id, "no_device", message).to_payload()

@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from agent.config import MqttConfig
-from agent.jobs import JOB_ID_RE
+from agent.contract.payload import JOB_ID_RE
 from fleet.update import (
     OtaStatus,
-    UpdateCommand,
     UpdateError,
     UpdateTimeout,
+    make_command,
     send_update,
 )
 
@@ -185,7 +185,7 @@ def rollout(
     _check_devices(devices)
     check_max_failures(max_failures)
     update_id = update_id or f"rollout-{uuid.uuid4().hex[:12]}"
-    UpdateCommand(update_id, url, sha256.lower(), size, version)  # validate before any wave
+    make_command(update_id, url, sha256, size, version, allow_downgrade)  # before any wave
     waves = plan_waves(devices, canary, growth)
     lock = threading.Lock()
     done: dict[str, DeviceResult] = {}

@@ -19,7 +19,9 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.bundle import MANIFEST_NAME, SIGNATURE_NAME, open_bundle
+from agent.bundle import open_bundle
+from agent.contract.bundle import MANIFEST_FILE as MANIFEST_NAME
+from agent.contract.bundle import SIGNATURE_FILE as SIGNATURE_NAME
 from agent.errors import BundleError
 from agent.signing import (
     PUBLIC_KEY_SUFFIX,

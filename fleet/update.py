@@ -14,28 +14,44 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
-from urllib.parse import urlparse
 
 from agent.config import MqttConfig
+from agent.contract.errors import ContractError
+from agent.contract.ota import (
+    FINAL_STATES,
+    OTA_STATES,
+    OtaState,
+    OtaStatus,
+    UpdateCommand,
+    parse_ota_status,
+)
+from agent.contract.payload import JOB_ID_RE, SHA256_RE
 from agent.errors import AgentError
-from agent.jobs import JOB_ID_RE
 from agent.mqtt_link import Incoming, MqttLink, Subscription
 from agent.topics import Topics
 
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "FINAL_STATES",
+    "OTA_STATES",
+    "SHA256_RE",
+    "OtaState",
+    "OtaStatus",
+    "UpdateCommand",
+    "UpdateError",
+    "UpdateTimeout",
+    "format_status",
+    "make_command",
+    "new_update_id",
+    "parse_status",
+    "send_update",
+]
+
 log = logging.getLogger(__name__)
 
-OtaState = Literal["downloading", "verifying", "testing", "active", "rolled_back", "failed"]
-OTA_STATES: frozenset[str] = frozenset(
-    {"downloading", "verifying", "testing", "active", "rolled_back", "failed"}
-)
-FINAL_STATES: frozenset[str] = frozenset({"active", "rolled_back", "failed"})
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -51,73 +67,16 @@ class UpdateTimeout(UpdateError):
         self.last = last
 
 
-@dataclass(frozen=True)
-class UpdateCommand:
-    """DESIGN.md's update command, validated before it is sent (a device would refuse it)."""
-
-    id: str
-    url: str
-    sha256: str
-    size: int
-    version: str
-    allow_downgrade: bool = False
-
-    def __post_init__(self) -> None:
-        def bad(message: str) -> UpdateError:
-            return UpdateError("bad_command", message)
-
-        if not JOB_ID_RE.match(self.id):
-            raise bad(f"update id {self.id!r}: use 1-128 characters of A-Za-z0-9._:-")
-        if urlparse(self.url).scheme not in ("http", "https") or not urlparse(self.url).netloc:
-            raise bad(f"--url {self.url!r}: devices download over http:// or https://")
-        if not SHA256_RE.match(self.sha256):
-            raise bad(f"--sha256 {self.sha256!r}: 64 lowercase hex digits (`edge-fleet pack`)")
-        if self.size <= 0:
-            raise bad(f"--size {self.size}: the archive's size in bytes (`edge-fleet pack`)")
-        if not 0 < len(self.version) <= 64:
-            raise bad("--version must be 1-64 characters (the bundle's manifest version)")
-
-    def payload(self) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "id": self.id,
-            "url": self.url,
-            "sha256": self.sha256,
-            "size": self.size,
-            "version": self.version,
-        }
-        if self.allow_downgrade:
-            payload["allow_downgrade"] = True
-        return payload
-
-
-@dataclass(frozen=True)
-class OtaStatus:
-    """One `ota/status` message, validated at the edge."""
-
-    id: str
-    state: OtaState
-    version: str | None
-    progress: float | None
-    error: dict[str, Any] | None
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
-
-    @property
-    def error_text(self) -> str:
-        if not self.error:
-            return ""
-        return f"[{self.error.get('code', '?')}] {self.error.get('message', '')}".strip()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "state": self.state,
-            "version": self.version,
-            "progress": self.progress,
-            "error": self.error,
-        }
+def make_command(
+    update_id: str, url: str, sha256: str, size: int, version: str, allow_downgrade: bool = False
+) -> UpdateCommand:
+    """The contract's update command, validated before it is sent (a device would refuse it).
+    Raises UpdateError (`bad_command`) naming the flag to fix."""
+    try:
+        return UpdateCommand(update_id, url, sha256.lower(), size, version, allow_downgrade)
+    except ContractError as exc:
+        hint = " (`edge-fleet pack` prints the archive's sha256 and size)"
+        raise UpdateError("bad_command", f"update command: {exc.message}{hint}") from None
 
 
 def parse_status(payload: bytes) -> OtaStatus | None:
@@ -127,24 +86,12 @@ def parse_status(payload: bytes) -> OtaStatus | None:
     except (UnicodeDecodeError, ValueError):
         log.warning("skipping an ota/status message that is not JSON")
         return None
-    if not isinstance(data, dict):
+    try:
+        return parse_ota_status(data)
+    except ContractError as exc:
+        if isinstance(data, dict):
+            log.warning("skipping an %s", exc.message)
         return None
-    status_id, state = data.get("id"), data.get("state")
-    if not isinstance(status_id, str) or state not in OTA_STATES:
-        log.warning("skipping an ota/status message without a valid id and state: %r", data)
-        return None
-    progress = data.get("progress")
-    error = data.get("error")
-    version = data.get("version")
-    return OtaStatus(
-        id=status_id,
-        state=state,
-        version=version if isinstance(version, str) else None,
-        progress=float(progress)
-        if isinstance(progress, int | float) and not isinstance(progress, bool)
-        else None,
-        error=error if isinstance(error, dict) else None,
-    )
 
 
 def new_update_id() -> str:
@@ -171,8 +118,8 @@ def send_update(
     Raises UpdateError (`bad_command`, `no_broker`) or UpdateTimeout (`timeout`)."""
     if not JOB_ID_RE.match(device):
         raise UpdateError("bad_command", f"device id {device!r}: 1-128 characters of A-Za-z0-9._:-")
-    command = UpdateCommand(
-        update_id or new_update_id(), url, sha256.lower(), size, version, allow_downgrade
+    command = make_command(
+        update_id or new_update_id(), url, sha256, size, version, allow_downgrade
     )
     topics = Topics(broker.prefix, device)
     statuses: queue.Queue[OtaStatus] = queue.Queue()
@@ -195,7 +142,7 @@ def send_update(
                 "no_broker",
                 f"cannot reach the MQTT broker at {broker.host}:{broker.port}; check --broker",
             )
-        link.publish(topics.ota, command.payload(), qos=1)
+        link.publish(topics.ota, command.to_payload(), qos=1)
         return _follow(statuses, command, topics, timeout_s, on_status)
     finally:
         link.stop()
