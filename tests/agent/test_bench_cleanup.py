@@ -15,8 +15,11 @@ import pytest
 
 def start_bench(bundle: Path, log: Path, runs: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "agent", "bench", "--bundle", str(bundle), "--bundle", str(bundle),
-         "--runs", str(runs), "--prompt-tokens", "16", "--new-tokens", "8"],
+        # -X faulthandler: if it ever hangs, the test's SIGABRT makes it print every thread's
+        # stack into the log, which the failure then shows.
+        [sys.executable, "-X", "faulthandler", "-m", "agent", "bench",
+         "--bundle", str(bundle), "--bundle", str(bundle), "--runs", str(runs),
+         "--prompt-tokens", "16", "--new-tokens", "8"],
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
     )  # fmt: skip
@@ -93,7 +96,9 @@ def test_ending_the_bench_ends_its_workers(
             code = bench.wait(60)
         except subprocess.TimeoutExpired:
             code = None
-        assert code is not None, "the bench did not exit after " + signum.name
+            bench.send_signal(signal.SIGABRT)
+            bench.wait(30)
+        assert code is not None, f"the bench did not exit after {signum.name}:\n{log.read_text()}"
         assert code != 0
         assert "Traceback" not in log.read_text()
         assert still_running(workers) == [], "workers still running after the bench ended"
