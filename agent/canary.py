@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.backends.base import Backend
+from agent.contract.bundle import GOLDEN_FILE
 from agent.errors import BundleError
 from agent.generation import GenerationRequest, generate
 from agent.text import TextCodec
 
-GOLDEN_FILE = "golden.json"
 GOLDEN_FORMAT = 1
 
 

@@ -16,11 +16,9 @@ from agent.backends.base import Backend
 from agent.backends.onnxruntime_backend import OnnxRuntimeBackend
 from agent.bundle import Bundle, Manifest, open_bundle
 from agent.config import RuntimeConfig
+from agent.contract.bundle import ENGINE_FILE, ONNX_MODEL_FILE
 from agent.errors import BundleError
 from agent.text import TextCodec
-
-ONNX_MODEL_FILE = "model.onnx"
-ENGINE_FILE = "engine.plan"
 
 
 @dataclass

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from agent.contract.bundle import ONNX_DATA_FILE, ONNX_MODEL_FILE
 from build_engine.disk import release_range
 from build_engine.errors import BuildError
 from build_engine.grouped_attention import grouped_attention_for_export
@@ -46,8 +47,8 @@ if TYPE_CHECKING:
     from onnx.external_data_helper import ExternalDataInfo
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-ONNX_NAME = "model.onnx"
-DATA_NAME = "model.onnx.data"
+ONNX_NAME = ONNX_MODEL_FILE  # the bundle layout is the contract's (agent/contract/bundle.py)
+DATA_NAME = ONNX_DATA_FILE
 TASK = "text-generation-with-past"
 
 # Initializers at least this big go to model.onnx.data; smaller ones (shape constants, scalars)

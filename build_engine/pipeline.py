@@ -22,8 +22,8 @@ from typing import Any
 
 from agent.backends.onnxruntime_backend import OnnxRuntimeBackend
 from agent.bundle import Arch, Manifest, open_bundle
-from agent.canary import DEFAULT_CANARIES, GOLDEN_FILE, CanaryResult, golden_document, run_canaries
-from agent.runtime import ONNX_MODEL_FILE
+from agent.canary import DEFAULT_CANARIES, CanaryResult, golden_document, run_canaries
+from agent.contract.bundle import GOLDEN_FILE, ONNX_MODEL_FILE
 from agent.text import TextCodec
 from build_engine import __version__
 from build_engine.bundle_writer import (

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from agent.config import MqttConfig
+from agent.contract.bundle import MANIFEST_FILE
 from agent.local_broker import start_local_broker
 from fleet.prompt import PromptJob, print_event, send_prompt
 
@@ -30,7 +31,7 @@ def say(text: str) -> None:
 
 
 def build_bundle(out: Path) -> None:
-    if (out / "manifest.json").is_file():
+    if (out / MANIFEST_FILE).is_file():
         say(f"using the bundle already built at {out.relative_to(REPO)} (delete it to rebuild)")
         return
     say("building the default bundle: SmolLM2-135M-Instruct -> ONNX with KV cache")

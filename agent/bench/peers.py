@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.bench.workload import BenchSettings, Contestant, rate_after_first
+from agent.contract.bundle import MANIFEST_FILE, ONNX_MODEL_FILE
 from agent.ort_telemetry import disable_ort_telemetry
 
 LLAMA_CPP = "llama.cpp"
@@ -182,7 +183,7 @@ def _ort_loop(
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, as for our backend
     session = ort.InferenceSession(
-        str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        str(bundle / ONNX_MODEL_FILE), options, providers=["CPUExecutionProvider"]
     )
     inputs = {i.name: i for i in session.get_inputs()}
     if "attention_mask" not in inputs:
@@ -218,7 +219,7 @@ def _ort_loop(
             ids = np.array([[token]], np.int64)
         return settings.new_tokens, first, time.perf_counter() - started
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
     return run_once, str(manifest.get("precision", "onnx"))
 
 

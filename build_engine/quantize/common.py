@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from agent.contract.bundle import ONNX_DATA_FILE, ONNX_MODEL_FILE
 from build_engine.errors import BuildError
 
 if TYPE_CHECKING:
@@ -28,8 +29,8 @@ Precision = Literal["fp32", "fp16", "int8", "int4"]
 Target = Literal["cpu", "orin"]
 Progress = Callable[[str], None]
 
-ONNX_NAME = "model.onnx"
-DATA_NAME = "model.onnx.data"
+ONNX_NAME = ONNX_MODEL_FILE  # the bundle layout is the contract's (agent/contract/bundle.py)
+DATA_NAME = ONNX_DATA_FILE
 
 # Initializers at least this big go to model.onnx.data, each on a page boundary so ONNX Runtime can
 # memory-map it (the same layout as the fp32 export writes).

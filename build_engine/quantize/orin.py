@@ -33,6 +33,7 @@ import numpy as np
 
 from build_engine.errors import BuildError
 from build_engine.quantize.common import (
+    ONNX_NAME,
     Precision,
     Progress,
     contrib_ops,
@@ -71,7 +72,7 @@ def quantize_orin(
         method, details = _int4_graph(src_onnx, staging, calibration, progress)
     import onnx
 
-    written = onnx.load(str(staging / "model.onnx"), load_external_data=False)
+    written = onnx.load(str(staging / ONNX_NAME), load_external_data=False)
     foreign = contrib_ops(written)
     if foreign:
         raise BuildError(

@@ -17,8 +17,9 @@ import pytest
 from agent.backends.tensorrt import tensorrt_version
 from agent.bundle import MANIFEST_NAME, file_table
 from agent.config import AgentConfig, RuntimeConfig, validate
+from agent.contract.bundle import ENGINE_FILE
 from agent.errors import BundleError
-from agent.runtime import ENGINE_FILE, load_model
+from agent.runtime import load_model
 from agent.target import (
     DeviceTarget,
     check_target,

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from agent.backends.onnxruntime_backend import OnnxRuntimeBackend
-from agent.canary import GOLDEN_FILE, golden_document, run_canaries
+from agent.canary import golden_document, run_canaries
+from agent.contract.bundle import GOLDEN_FILE
 from agent.text import TextCodec
 from build_engine.calibration import (
     CALIBRATION_FILE,

@@ -13,10 +13,11 @@ import numpy as np
 
 from agent.backends.base import Backend, BackendInfo, Logits, TokenIds
 from agent.backends.onnxruntime_backend import OnnxRuntimeBackend
+from agent.contract.bundle import ONNX_MODEL_FILE
 from agent.errors import EngineError
 from agent.jobs import InvalidPayload, RequestLimits, parse_job
 from agent.mqtt_link import Incoming
-from agent.runtime import ONNX_MODEL_FILE, LoadedModel
+from agent.runtime import LoadedModel
 from agent.service import AgentService
 from tests.conftest import MqttProbe
 from tests.e2e.conftest import ServiceFactory

@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 
 from agent.config import AgentConfig, JobsConfig, MqttConfig
+from agent.contract.bundle import CHAT_TEMPLATE_FILE
 from agent.generation import GenerationRequest, generate
 from agent.runtime import LoadedModel
 from agent.service import AgentService
-from agent.text import CHAT_TEMPLATE_FILE, TextCodec
+from agent.text import TextCodec
 from tests.conftest import Broker, MqttProbe, unique_device
 
 PROMPTS = [
