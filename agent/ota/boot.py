@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import AgentConfig
+from agent.contract.bundle import MANIFEST_FILE
 from agent.errors import AgentError, BundleError
 from agent.ota.probation import ProbationGuard
 from agent.ota.slots import SLOTS, Slots
@@ -40,7 +41,7 @@ def roll_back_if_on_failed_probation(config: AgentConfig, guard: ProbationGuard)
     failed = guard.on_start()
     if failed is None:
         return
-    slots = Slots(config.state_dir / "bundles")
+    slots = Slots(config.state.bundles)
     if failed.previous in SLOTS and slots.verified(failed.previous) is not None:
         slots.switch_to(failed.previous)
         back_to = f"the previous bundle (slot {failed.previous})"
@@ -60,8 +61,8 @@ def roll_back_if_on_failed_probation(config: AgentConfig, guard: ProbationGuard)
     )
     log.error(message)
     error = {"code": "probation_failed", "message": message}
-    store = OtaStore(config.state_dir / "ota" / "state.json", config.ota.max_bundle_bytes)
-    finished = FinishedLog(config.state_dir / "ota" / "finished.json")
+    store = OtaStore(config.state.ota_state, config.ota.max_bundle_bytes)
+    finished = FinishedLog(config.state.ota_finished)
     record = store.load()
     if record is not None and record.command.id == failed.update_id:
         rolled_back = record.moved_to("rolled_back", error=error)
@@ -75,14 +76,14 @@ def roll_back_if_on_failed_probation(config: AgentConfig, guard: ProbationGuard)
 
 
 def choose_bundle(config: AgentConfig) -> BootChoice:
-    slots = Slots(config.state_dir / "bundles")
+    slots = Slots(config.state.bundles)
     candidates: list[Path] = []
     current = slots.current()
     if current is not None:
         other = "b" if current == "a" else "a"
         for slot in (current, other):
             path = slots.path(slot)
-            if slot == other and not (path / "manifest.json").is_file():
+            if slot == other and not (path / MANIFEST_FILE).is_file():
                 continue
             if slots.verified(slot) is None:
                 log.error(

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from agent.ota.store import write_atomically
+from agent.state_dir import StateDir
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class Probation:
 
 class ProbationGuard:
     def __init__(self, state_dir: Path, max_crashes: int, window_s: float) -> None:
-        self._file = state_dir / "ota" / "probation.json"
-        self._marker = state_dir / "agent.running"
+        self._file = StateDir(state_dir).probation
+        self._marker = StateDir(state_dir).running_marker
         self.max_crashes = max_crashes
         self.window_s = window_s
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from agent.bundle import MANIFEST_NAME
 from agent.events import utc_now_iso
 from agent.ota.store import write_atomically
+from agent.state_dir import StateDir
 
 SLOTS = ("a", "b")
 
@@ -45,7 +46,7 @@ class Slots:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.current_link = root / "current"
-        self.marks_path = root.parent / "ota" / "slots.json"
+        self.marks_path = StateDir.of_bundles(root).slot_marks
 
     def path(self, slot: str) -> Path:
         if slot not in SLOTS:

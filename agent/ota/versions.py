@@ -18,6 +18,7 @@ from packaging.version import InvalidVersion, Version
 from agent.events import utc_now_iso
 from agent.ota.errors import OtaError
 from agent.ota.store import write_atomically
+from agent.state_dir import StateDir
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class HighWater:
     """`state_dir/ota/high_water.json`: `{"version", "updated"}`."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "ota" / "high_water.json"
+        self.path = StateDir(state_dir).high_water
 
     def version(self) -> str | None:
         try:
