@@ -16,13 +16,22 @@ One update runs at a time. A different update id that arrives while the running 
 downloading supersedes it (that one ends `failed`/`superseded`, the new one runs); once it is
 verifying or testing, others are refused `busy`. A finished update id sent again is not run again:
 its final status is repeated (agent.ota.store.FinishedLog).
+
+Two guards against a candidate that takes the device down instead of failing a check:
+- Before the candidate is loaded beside the serving model, its size (from the verified manifest)
+  is checked against the memory available (agent.ota.memory): `no_memory` instead of an
+  out-of-memory kill.
+- Every start of the verify-and-test stage is counted in the persisted record, durably, before the
+  candidate is loaded. A candidate that kills the agent while it loads or runs its canaries would
+  otherwise be resumed after every restart, forever; after `[ota] max_attempts` starts the next
+  resume ends the update `failed`/`crash_loop`, empties the candidate's slot and leaves the
+  serving bundle alone (mender caps its retries the same way).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +52,7 @@ from agent.ota.download import (
     download,
 )
 from agent.ota.errors import OtaError
+from agent.ota.memory import MemoryReader, check_fits, read_mem_available
 from agent.ota.probation import ProbationGuard
 from agent.ota.slots import SLOTS, Slots
 from agent.ota.store import FINAL_STATES, FinishedLog, OtaRecord, OtaStateName, OtaStore
@@ -52,9 +62,8 @@ from agent.runtime import LoadedModel, choose_backend, load_model
 
 log = logging.getLogger(__name__)
 
-# Test and diagnostic knob: "STATE=SECONDS[,STATE=SECONDS]" makes the installer pause after
-# entering STATE, so a test can kill the agent at that exact step. Never set in production.
-HOLD_ENV = "EDGE_AGENT_OTA_HOLD"
+# The states whose start counts as an attempt at the candidate (verify, load, canaries, switch).
+TRIAL_STATES = frozenset({"verifying", "testing", "switching"})
 
 
 @dataclass
@@ -74,6 +83,8 @@ class OtaInstaller:
         runtime: RuntimeConfig,
         hooks: OtaHooks,
         probation: ProbationGuard,
+        *,
+        read_memory: MemoryReader = read_mem_available,
     ) -> None:
         self.config = config
         self.runtime = runtime
@@ -91,7 +102,7 @@ class OtaInstaller:
         self._cancel = threading.Event()  # set: the running download stops (superseded)
         self._next: UpdateCommand | None = None  # runs once the superseded one has stopped
         self._announce: dict[str, Any] | None = None  # the final status `_run` publishes
-        self._hold = _parse_hold(os.environ.get(HOLD_ENV, ""))
+        self._read_memory = read_memory  # MemAvailable in bytes (injectable for tests)
 
     # --- entry points ----------------------------------------------------------------------
 
@@ -151,6 +162,10 @@ class OtaInstaller:
         """After a restart: continue an update that was cut short, or re-announce the last one.
         Leftovers of earlier runs (downloads of finished updates, unverified candidates) go."""
         record = self.store.load()
+        if record is not None and self._crash_looped(record):
+            self._give_up(record)
+            self._sweep(None)
+            return
         running = record is not None and record.state not in FINAL_STATES
         self._sweep(record if running else None)
         if record is None:
@@ -171,6 +186,29 @@ class OtaInstaller:
         with self._lock:
             self._busy = True
             self._start(record.moved_to(resume_at))
+
+    def _crash_looped(self, record: OtaRecord) -> bool:
+        """The update was cut short in its verify-and-test stage as often as it may start it.
+        A switch that completed just before the cut is not a crash loop (it is active)."""
+        if record.state not in TRIAL_STATES:
+            return False
+        if record.state == "switching" and self.slots.current() == record.slot:
+            return False
+        return record.attempts >= max(1, self.config.max_attempts)
+
+    def _give_up(self, record: OtaRecord) -> None:
+        message = (
+            f"the agent stopped {record.attempts} times while verifying or testing this update "
+            f"(last in state {record.state}; [ota] max_attempts = {self.config.max_attempts}): "
+            "the new bundle probably kills the agent when it is loaded or run. It was removed "
+            "from its slot; the bundle that was serving keeps serving. Fix the bundle and send "
+            "it with a new update id"
+        )
+        log.error("update %s failed: [crash_loop] %s", record.command.id, message)
+        self._discard_candidate(record)  # space first, as in `_fail`
+        self._cleanup(record)
+        error = {"code": "crash_loop", "message": message}
+        self._save_final(record.moved_to("failed", error=error))
 
     def wait(self, timeout: float) -> None:
         thread = self._thread
@@ -253,8 +291,15 @@ class OtaInstaller:
             if self._cancel.is_set():
                 raise Superseded()
             slot = self.slots.inactive()
-            record = record.moved_to("verifying", slot=slot, previous=self.slots.current())
+            record = record.moved_to(
+                "verifying",
+                slot=slot,
+                previous=self.slots.current(),
+                attempts=record.attempts + 1,  # persisted by `_enter` before anything is loaded
+            )
             self._record = record
+        log.info("update %s: attempt %d of %d at the new bundle", command.id, record.attempts,
+                 self.config.max_attempts)  # fmt: skip
         record = self._enter(record)
         slot_dir = self.slots.prepare(slot)
         manifest = extract_bundle(
@@ -268,6 +313,7 @@ class OtaInstaller:
         self._check_version(command, manifest)
 
         record = self._enter(record.moved_to("testing", progress=0.0))
+        check_fits(manifest, self._read_memory)  # no_memory: both models would not fit
         candidate = load_model(slot_dir, self.runtime)  # every file hash again; target; backend
         try:
             problems = check_golden(slot_dir, candidate.backend, candidate.codec)
@@ -388,11 +434,13 @@ class OtaInstaller:
 
     def _enter(self, record: OtaRecord) -> OtaRecord:
         record = self._save(record)
-        hold = self._hold.get(record.state)
-        if hold:
-            log.warning("%s: holding %.0f s in state %s", HOLD_ENV, hold, record.state)
-            time.sleep(hold)
+        self.stage_entered(record)
         return record
+
+    def stage_entered(self, record: OtaRecord) -> None:
+        """Called once each state of the update is persisted and announced, on the update
+        thread. Does nothing; the seam where tests pause an update at an exact step
+        (tests/ota/agent_site)."""
 
     def _save(self, record: OtaRecord) -> OtaRecord:
         self._record = record
@@ -428,14 +476,3 @@ def _superseded_message(by: UpdateCommand) -> str:
         f"superseded by update {by.id} (version {by.version}) while it was still downloading; "
         "that one runs instead"
     )
-
-
-def _parse_hold(spec: str) -> dict[str, float]:
-    hold: dict[str, float] = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        state, _, seconds = item.partition("=")
-        try:
-            hold[state] = float(seconds)
-        except ValueError:
-            log.warning("ignoring malformed %s entry %r", HOLD_ENV, item)
-    return hold

@@ -28,6 +28,8 @@ class OtaRecord:
     error: dict[str, str] | None = None
     progress: float = 0.0
     updated: str = ""
+    # Starts of the verify-and-test stage so far (agent.ota.installer caps them: `crash_loop`).
+    attempts: int = 0
 
     def moved_to(self, state: OtaStateName, **changes: Any) -> OtaRecord:
         return replace(self, state=state, updated=utc_now_iso(), **changes)
@@ -76,6 +78,7 @@ class OtaStore:
                 error=data.get("error"),
                 progress=float(data.get("progress", 0.0)),
                 updated=str(data.get("updated", "")),
+                attempts=int(data.get("attempts", 0)),  # absent in state from older agents
             )
         except FileNotFoundError:
             return None

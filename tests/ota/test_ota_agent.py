@@ -21,10 +21,12 @@ import pytest
 from agent.bundle import MANIFEST_NAME, file_table
 from agent.config import MqttConfig
 from fleet.pack import pack_bundle
-from fleet.rollout import rollout
+from fleet.rollout import WavePlan, rollout
 from fleet.serve import FileServer
 from fleet.signing import generate_keypair, sign_bundle
+from fleet.update import make_command
 from tests.conftest import AgentProcess, Broker, MqttProbe, start_agent, wait_status
+from tests.ota.hold import hold_env
 
 pytestmark = pytest.mark.session_bundle
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
@@ -287,7 +289,7 @@ def test_sigkill_in_every_state_ends_on_a_working_bundle(
     fleet: Fleet, broker: Broker, probe: MqttProbe, state: str
 ) -> None:
     command = fleet.publish(fleet.bundle("2"))
-    hold = {} if state == "downloading" else {"EDGE_AGENT_OTA_HOLD": f"{state}=60"}
+    hold = {} if state == "downloading" else hold_env(**{state: 60})
     if state == "downloading":
         fleet.server.knobs.rate_bytes_per_s = 20_000_000  # ~30 s for the bundle: time to kill
     agent = start(fleet, broker, probe, env=hold)
@@ -354,8 +356,9 @@ def test_a_rollout_over_real_agents_halts_on_a_failure_and_spares_the_later_wave
             probe.subscribe(f"edgellm/{agent.device}/ota/status")
         devices = [a.device for a in agents]
         halted = rollout(
-            mqtt, devices, command["url"], command["sha256"], command["size"], "2",
-            canary=1, max_failures=0, per_device_timeout_s=120, update_id="wave-test-1",
+            mqtt, devices,
+            make_command("wave-test-1", command["url"], command["sha256"], command["size"], "2"),
+            WavePlan(canary=1, max_failures=0, per_device_timeout_s=120),
         )  # fmt: skip
         assert halted.halted and halted.waves_run == 1
         untrusting, *good = halted.results
@@ -375,8 +378,9 @@ def test_a_rollout_over_real_agents_halts_on_a_failure_and_spares_the_later_wave
                    for n, d in enumerate(devices))  # fmt: skip
 
         completed = rollout(
-            mqtt, devices[1:], command["url"], command["sha256"], command["size"], "2",
-            canary=1, max_failures=0, per_device_timeout_s=120, update_id="wave-test-2",
+            mqtt, devices[1:],
+            make_command("wave-test-2", command["url"], command["sha256"], command["size"], "2"),
+            WavePlan(canary=1, max_failures=0, per_device_timeout_s=120),
         )  # fmt: skip
         assert not completed.halted and completed.waves_run == 2, completed.to_json()
         assert [r.state for r in completed.results] == ["active", "active"]

@@ -18,6 +18,7 @@ from fleet.cli import main as fleet_cli
 from fleet.signing import generate_keypair, sign_bundle
 from tests.conftest import Broker, MqttProbe, fill, mounted_tmpfs, wait_status
 from tests.ota import test_ota_agent
+from tests.ota.hold import hold_env
 from tests.ota.test_ota_agent import (
     Fleet,
     agent_config,
@@ -240,7 +241,7 @@ def test_a_state_disk_that_fills_during_an_update_ends_failed_and_jobs_go_on(
     small = gzip_bomb(bundle, fleet.root / "small.tar.gz", "model.onnx.data", 64 << 20)
     command = {**fleet.publish_raw("small.tar.gz", small.read_bytes()), "version": "2"}
     with mounted_tmpfs(state_dir(fleet), "128m") as disk:
-        agent = start(fleet, broker, probe, env={"EDGE_AGENT_OTA_HOLD": "verifying=3"})
+        agent = start(fleet, broker, probe, env=hold_env(verifying=3))
         try:
             update(probe, agent.device, "full", command)
             wait_ota_state(probe, agent.device, "verifying")
@@ -284,7 +285,7 @@ def test_a_newer_command_supersedes_a_wedged_download_but_not_a_test(
 ) -> None:
     fresh = fleet.publish(fleet.bundle("2"))
     late = fleet.publish(fleet.bundle("3"))
-    agent = start(fleet, broker, probe, env={"EDGE_AGENT_OTA_HOLD": "testing=5"})
+    agent = start(fleet, broker, probe, env=hold_env(testing=5))
     try:
         device = agent.device
         update(probe, device, "wedged", {"url": f"{trickle}/a.tar", **TRICKLE_COMMAND})
