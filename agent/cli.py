@@ -12,9 +12,9 @@ from pathlib import Path
 from types import FrameType
 
 from agent import __version__, sdnotify
+from agent.cli_support import run_handler
 from agent.config import load_config, with_overrides
 from agent.errors import (
-    EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -225,12 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    try:
-        code: int = args.handler(args)
-        return code
-    except AgentError as exc:
-        print(f"edge-agent: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT  # agent/errors.py: the exit codes of the three tools
+    # agent/errors.py: the exit codes of the three tools (every AgentError is EXIT_BAD_INPUT)
+    return run_handler(args, prefix="edge-agent: error:", catch=AgentError)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from agent.cli_support import run_handler
 from build_engine import __version__
 from build_engine.compile import add_compile_arguments, compile_from_args
 from build_engine.errors import BuildError
@@ -162,12 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    try:
-        code: int = args.handler(args)
-        return code
-    except BuildError as exc:
-        print(f"edge-build: error: {exc}", file=sys.stderr)
-        return 2
+    return run_handler(args, prefix="edge-build: error:", catch=BuildError)  # exit 2
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ timed out). After each wave the failures so far are weighed against `max_failure
 or a fraction of the devices attempted); past it, no further wave starts and the devices not
 attempted are reported `skipped`.
 
+`rollout(broker, devices, command, plan, observer)` takes the update as the contract's
+`UpdateCommand`, the waves as a `WavePlan` and the progress callbacks as a `RolloutObserver`.
 Planning the waves and the halting decision are pure functions (`plan_waves`,
-`failures_exceed`); the MQTT part is `fleet.update.send_update`, once per device.
+`failures_exceed`); the MQTT part is `fleet.update.send_command`, once per device.
 """
 
 from __future__ import annotations
@@ -25,13 +27,7 @@ from typing import Any
 
 from agent.config import MqttConfig
 from agent.contract.payload import JOB_ID_RE
-from fleet.update import (
-    OtaStatus,
-    UpdateError,
-    UpdateTimeout,
-    make_command,
-    send_update,
-)
+from fleet.update import OtaStatus, UpdateCommand, UpdateError, UpdateTimeout, send_command
 
 MaxFailures = int | float  # an int is a count of devices; a float in [0, 1] a fraction
 SKIPPED = "skipped"
@@ -45,10 +41,7 @@ MAX_PARALLEL = 64  # MQTT connections opened at once within one wave
 def plan_waves(devices: Sequence[str], canary: int = 1, growth: float = 2.0) -> list[list[str]]:
     """Split `devices` (in order) into waves: `canary` devices, then each wave `growth` times
     the previous one (rounded up, and never smaller), the last wave taking what is left."""
-    if canary < 1:
-        raise ValueError(f"canary must be at least 1 device, got {canary}")
-    if not growth >= 1.0:
-        raise ValueError(f"growth must be at least 1.0 (waves never shrink), got {growth}")
+    check_wave_sizes(canary, growth)
     waves: list[list[str]] = []
     size, start = canary, 0
     while start < len(devices):
@@ -56,6 +49,13 @@ def plan_waves(devices: Sequence[str], canary: int = 1, growth: float = 2.0) -> 
         start += size
         size = max(size, math.ceil(size * growth))
     return waves
+
+
+def check_wave_sizes(canary: int, growth: float) -> None:
+    if canary < 1:
+        raise ValueError(f"canary must be at least 1 device, got {canary}")
+    if not growth >= 1.0:
+        raise ValueError(f"growth must be at least 1.0 (waves never shrink), got {growth}")
 
 
 def parse_max_failures(text: str) -> MaxFailures:
@@ -156,53 +156,72 @@ class RolloutSummary:
 # --- running it -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WavePlan:
+    """How a rollout proceeds: `canary` devices first, then waves `growth` times the last; it
+    halts once the failures pass `max_failures` (a count, or a fraction of the devices
+    attempted); a device that reaches no final state within `per_device_timeout_s` counts as a
+    `timeout` failure. Raises ValueError for a plan that cannot run."""
+
+    canary: int = 1
+    growth: float = 2.0
+    max_failures: MaxFailures = 0
+    per_device_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        check_wave_sizes(self.canary, self.growth)
+        check_max_failures(self.max_failures)
+
+    def waves(self, devices: Sequence[str]) -> list[list[str]]:
+        return plan_waves(devices, self.canary, self.growth)
+
+
+def _ignore(*_: object) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class RolloutObserver:
+    """What a rollout reports as it goes; every callback defaults to doing nothing. They are
+    called one at a time (never concurrently), from worker threads: `on_wave(index, waves)`
+    before wave `index` (0-based) starts, `on_status(device, status)` for each ota/status,
+    `on_result(result)` when a device is done."""
+
+    on_wave: Callable[[int, list[list[str]]], None] = _ignore
+    on_status: Callable[[str, OtaStatus], None] = _ignore
+    on_result: Callable[[DeviceResult], None] = _ignore
+
+
+def new_rollout_id() -> str:
+    return f"rollout-{uuid.uuid4().hex[:12]}"
+
+
 def rollout(
     broker: MqttConfig,
     devices: Sequence[str],
-    url: str,
-    sha256: str,
-    size: int,
-    version: str,
-    *,
-    canary: int = 1,
-    growth: float = 2.0,
-    max_failures: MaxFailures = 0,
-    per_device_timeout_s: float = 1800.0,
-    update_id: str | None = None,
-    on_wave: Callable[[int, list[list[str]]], None] | None = None,
-    on_status: Callable[[str, OtaStatus], None] | None = None,
-    on_result: Callable[[DeviceResult], None] | None = None,
-    allow_downgrade: bool = False,
+    command: UpdateCommand,
+    plan: WavePlan = WavePlan(),
+    observer: RolloutObserver = RolloutObserver(),
 ) -> RolloutSummary:
-    """Roll one update out to `devices` in waves; return what happened to each.
-
-    Every device gets the same update id (one rollout, traceable on every device). Callbacks are
-    called one at a time (never concurrently), from worker threads: `on_wave(index, waves)`
-    before wave `index` (0-based) starts, `on_status(device, status)` for each ota/status,
-    `on_result(result)` when a device is done. `allow_downgrade` is sent with the command (a
-    deliberate rollback to a version not newer than a device's highest). Raises UpdateError or
-    ValueError for bad arguments before anything is sent."""
+    """Roll one update (`command`, from `fleet.update.make_command`) out to `devices` in the
+    waves of `plan`; return what happened to each. Every device gets the same command, so the
+    same update id (one rollout, traceable on every device). Raises ValueError for bad devices
+    before anything is sent."""
     _check_devices(devices)
-    check_max_failures(max_failures)
-    update_id = update_id or f"rollout-{uuid.uuid4().hex[:12]}"
-    make_command(update_id, url, sha256, size, version, allow_downgrade)  # before any wave
-    waves = plan_waves(devices, canary, growth)
+    waves = plan.waves(devices)
     lock = threading.Lock()
     done: dict[str, DeviceResult] = {}
 
     def update_one(device: str, wave: int) -> DeviceResult:
         def status_seen(status: OtaStatus) -> None:
-            if on_status is not None:
-                with lock:
-                    on_status(device, status)
+            with lock:
+                observer.on_status(device, status)
 
         began = time.monotonic()
         try:
-            final = send_update(
-                broker, device, url, sha256, size, version, update_id,
-                timeout_s=per_device_timeout_s, on_status=status_seen,
-                allow_downgrade=allow_downgrade,
-            )  # fmt: skip
+            final = send_command(
+                broker, device, command, timeout_s=plan.per_device_timeout_s, on_status=status_seen
+            )
             result = DeviceResult(
                 device, final.state, final.error_text or None, _since(began), wave
             )
@@ -210,16 +229,15 @@ def rollout(
             result = DeviceResult(device, TIMEOUT, exc.message, _since(began), wave)
         except UpdateError as exc:
             result = DeviceResult(device, "failed", str(exc), _since(began), wave)
-        if on_result is not None:
-            with lock:
-                on_result(result)
+        with lock:
+            observer.on_result(result)
         return result
 
+    max_failures = plan.max_failures
     halted, reason, waves_run = False, "", 0
     for index, wave in enumerate(waves):
-        if on_wave is not None:
-            with lock:
-                on_wave(index, waves)
+        with lock:
+            observer.on_wave(index, waves)
         with ThreadPoolExecutor(max_workers=min(len(wave), MAX_PARALLEL)) as pool:
             for result in pool.map(update_one, wave, [index + 1] * len(wave)):
                 done[result.device] = result
@@ -247,7 +265,7 @@ def rollout(
             f"{describe_max_failures(max_failures)} allowed"
         )
     results = [done.get(d) or DeviceResult(d, SKIPPED) for d in devices]
-    return RolloutSummary(update_id, version, results, waves, waves_run, halted, reason)
+    return RolloutSummary(command.id, command.version, results, waves, waves_run, halted, reason)
 
 
 def _check_devices(devices: Sequence[str]) -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "make_command",
     "new_update_id",
     "parse_status",
+    "send_command",
     "send_update",
 ]
 
@@ -116,11 +117,24 @@ def send_update(
     `allow_downgrade` lets the device install a version that is not newer than its highest.
 
     Raises UpdateError (`bad_command`, `no_broker`) or UpdateTimeout (`timeout`)."""
-    if not JOB_ID_RE.match(device):
-        raise UpdateError("bad_command", f"device id {device!r}: 1-128 characters of A-Za-z0-9._:-")
     command = make_command(
         update_id or new_update_id(), url, sha256, size, version, allow_downgrade
     )
+    return send_command(broker, device, command, timeout_s=timeout_s, on_status=on_status)
+
+
+def send_command(
+    broker: MqttConfig,
+    device: str,
+    command: UpdateCommand,
+    *,
+    timeout_s: float = 1800.0,
+    on_status: Callable[[OtaStatus], None] | None = None,
+) -> OtaStatus:
+    """`send_update` with the command already made (`make_command`): what a rollout sends to
+    every device. Raises UpdateError (`bad_command`, `no_broker`) or UpdateTimeout."""
+    if not JOB_ID_RE.match(device):
+        raise UpdateError("bad_command", f"device id {device!r}: 1-128 characters of A-Za-z0-9._:-")
     topics = Topics(broker.prefix, device)
     statuses: queue.Queue[OtaStatus] = queue.Queue()
 

@@ -11,18 +11,27 @@ import pytest
 from agent.config import MqttConfig
 from fleet.cli import main
 from fleet.rollout import (
+    RolloutObserver,
+    WavePlan,
     failures_exceed,
     format_summary,
+    new_rollout_id,
     parse_max_failures,
     plan_waves,
     rollout,
 )
+from fleet.update import UpdateCommand, make_command
 from tests.conftest import Broker
 from tests.fleet.conftest import DeviceFactory
 
 SHA = "cd" * 32
 URL = "http://files.example:8000/tiny.tar"
 DEVICES = [f"d{i}" for i in range(10)]
+
+
+def command() -> UpdateCommand:
+    """A new update id each time: a device's retained ota/status of an earlier one is ignored."""
+    return make_command(new_rollout_id(), URL, SHA, 1234, "2")
 
 
 @pytest.mark.parametrize(
@@ -80,8 +89,8 @@ def test_rollout_completes(mqtt: MqttConfig, scripted_device: DeviceFactory) -> 
     devices = [scripted_device("ok").device for _ in range(5)]
     waves_seen: list[int] = []
     summary = rollout(
-        mqtt, devices, URL, SHA, 1234, "2", canary=1, growth=2.0, per_device_timeout_s=20,
-        on_wave=lambda index, waves: waves_seen.append(index),
+        mqtt, devices, command(), WavePlan(canary=1, growth=2.0, per_device_timeout_s=20),
+        RolloutObserver(on_wave=lambda index, waves: waves_seen.append(index)),
     )  # fmt: skip
     assert summary.ok and not summary.halted
     assert [len(w) for w in summary.waves] == [1, 2, 2] and waves_seen == [0, 1, 2]
@@ -97,8 +106,8 @@ def test_rollout_halts_at_its_failure_threshold(
     scripts = ["ok", "ok", "fail", "ok", "ok", "ok", "ok"]
     fleet = [scripted_device(script) for script in scripts]
     summary = rollout(
-        mqtt, [d.device for d in fleet], URL, SHA, 1234, "2",
-        canary=1, growth=2.0, max_failures=0, per_device_timeout_s=20,
+        mqtt, [d.device for d in fleet], command(),
+        WavePlan(canary=1, growth=2.0, max_failures=0, per_device_timeout_s=20),
     )  # fmt: skip
     assert summary.halted and summary.waves_run == 2
     states = [r.state for r in summary.results]
@@ -117,8 +126,8 @@ def test_rollout_tolerates_failures_within_the_threshold(
     scripts = ["ok", "rollback", "ok", "silent"]  # a silent device times out: a failure
     fleet = [scripted_device(script) for script in scripts]
     summary = rollout(
-        mqtt, [d.device for d in fleet], URL, SHA, 1234, "2",
-        canary=1, growth=3.0, max_failures=0.5, per_device_timeout_s=1.5,
+        mqtt, [d.device for d in fleet], command(),
+        WavePlan(canary=1, growth=3.0, max_failures=0.5, per_device_timeout_s=1.5),
     )  # fmt: skip
     assert not summary.halted and not summary.ok
     assert [r.state for r in summary.results] == ["active", "rolled_back", "active", "timeout"]
