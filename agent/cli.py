@@ -136,6 +136,10 @@ def _bench(args: argparse.Namespace) -> int:
     # SIGTERM becomes an exception like SIGINT's KeyboardInterrupt, so that run_bench unwinds
     # and ends its worker processes instead of leaving them running.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # SIGINT too, explicitly: a bench started in the background by a non-interactive shell inherits
+    # SIGINT ignored, and Python then never installs its KeyboardInterrupt handler (seen: the
+    # bench ran on after SIGINT under `nohup ... &`, its stack dumped by the cleanup test).
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     try:
         results = run_bench(args.bundle, settings, peers, progress=_progress_to_stderr)
     except KeyboardInterrupt:
