@@ -27,16 +27,12 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from agent.backends.base import Backend
+from agent.config import PREFILL_CHUNK
 from agent.errors import AgentError, EngineError
 from agent.generation import GenerationResult, SequenceRun
 
 log = logging.getLogger(__name__)
 
-# Prompt tokens prefilled per step while other jobs decode. Measured (int4, this 2-core machine,
-# a 1,500-token prompt joining): prefilled whole it held the running jobs' next token for 1.2 s;
-# in chunks of 256 for at most 0.22 s per step, and the chunks took no longer in all (1.13 s).
-# Most chat prompts fit in one chunk, so they join after one step as before.
-PREFILL_CHUNK = 256
 
 Key = TypeVar("Key")
 

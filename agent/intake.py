@@ -108,12 +108,11 @@ class Intake:
         self._journal_ok = journal_ok
         self.capacity = capacity
         self.refusal_log = _LogBudget(REFUSALS_LOGGED, REFUSAL_LOG_WINDOW_S)
-        self._waiting: deque[Incoming] = deque()
+        self._waiting: deque[tuple[Incoming, bool]] = deque()  # (message, is it a job)
         self._jobs_waiting = 0
         self._commands_waiting = 0
         self._cond = threading.Condition()
         self._closed = False
-        self._busy = False
         self._thread = threading.Thread(target=self._run, name="edge-agent-intake", daemon=True)
 
     # --- paho's thread: enqueue only -------------------------------------------------------
@@ -124,7 +123,7 @@ class Intake:
             waiting = self._jobs_waiting if is_job else self._commands_waiting
             full = waiting >= self.capacity
             if not full:
-                self._waiting.append(message)
+                self._waiting.append((message, is_job))
                 if is_job:
                     self._jobs_waiting += 1
                 else:
@@ -159,17 +158,6 @@ class Intake:
             self._cond.notify_all()
         self._thread.join(timeout)
 
-    def wait_idle(self, timeout: float) -> bool:
-        """True once every message submitted so far has been handled (for tests)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._waiting or self._busy:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(min(remaining, 0.05))
-        return True
-
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -177,20 +165,15 @@ class Intake:
                     self._cond.wait()
                 if not self._waiting:
                     return
-                message = self._waiting.popleft()
-                if message.topic in (self.topics.cancel, self.topics.ota):
-                    self._commands_waiting -= 1
-                else:
+                message, is_job = self._waiting.popleft()
+                if is_job:
                     self._jobs_waiting -= 1
-                self._busy = True
+                else:
+                    self._commands_waiting -= 1
             try:
                 self.handle(message)
             except Exception:  # the intake thread must outlive any one message
                 log.exception("unexpected failure handling a message on %s", message.topic)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
 
     def handle(self, message: Incoming) -> None:
         if message.topic == self.topics.cancel:

@@ -79,6 +79,15 @@ class JobBook:
     refuse: Refuse
     done_count: int = 0
     failed_count: int = 0
+    # The worker answers most jobs, the intake those cancelled while queued: `+=` is not atomic.
+    _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, *, done: bool) -> None:
+        with self._count_lock:
+            if done:
+                self.done_count += 1
+            else:
+                self.failed_count += 1
 
     def ack_recorder(self, job_id: str) -> OnAck | None:
         """Journals that the broker has the job's final event (else it is sent again at start).
@@ -174,7 +183,7 @@ class ActiveJob:
 
     def failed(self, code: str, message: str) -> None:
         log.error("job %s failed: [%s] %s", self.id, code, message)
-        self.book.failed_count += 1
+        self.book.count(done=False)
         failure = self._marked(events.error(self.id, code, message))
 
         def publish() -> None:
@@ -200,7 +209,7 @@ class ActiveJob:
     # --- helpers ---------------------------------------------------------------------------
 
     def _answer(self, done: dict[str, Any]) -> None:
-        self.book.done_count += 1
+        self.book.count(done=True)
         self._marked(done)
         self.book.results.put(self.id, done)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from agent import __version__, events
@@ -314,7 +315,7 @@ class AgentService:
     # --- publishing ------------------------------------------------------------------------
 
     def _job_stream(self, job_id: str, reply: Reply, *, restarted: bool = False) -> JobStream:
-        make_delta = _restarted_delta(job_id) if restarted else _delta(job_id)
+        make_delta = _restarted_delta(job_id) if restarted else partial(events.delta, job_id)
         return self.link.stream(reply.topic, reply.correlation_data, make_delta)
 
     def _refuse(self, reply: Reply, payload: dict[str, Any]) -> None:
@@ -373,13 +374,6 @@ class AgentService:
             "failed": self.book.failed_count,
         }
         return self.telemetry.snapshot(jobs, self.engine_info, self.config.device_id)
-
-
-def _delta(job_id: str) -> Callable[[int, str], dict[str, Any]]:
-    def make(seq: int, text: str) -> dict[str, Any]:
-        return events.delta(job_id, seq, text)
-
-    return make
 
 
 def _restarted_delta(job_id: str) -> Callable[[int, str], dict[str, Any]]:

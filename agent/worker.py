@@ -136,7 +136,8 @@ class Worker:
             return
         if job.generation != self.serving.generation and not self._encode_again(job, model):
             return
-        self._guarded(job, None, job.started)
+        if not self._guarded(job, None, job.started):
+            return  # it failed, and was answered so: it must not run as well
         request = GenerationRequest(
             prompt_ids=job.prompt_ids,
             max_tokens=job.request.max_tokens,
@@ -195,16 +196,19 @@ class Worker:
         batch: BatchGenerator[ActiveJob] | None,
         transition: Callable[..., None],
         *args: object,
-    ) -> None:
-        """Run one transition of `job`; if it raises, that job fails (and leaves the batch)."""
+    ) -> bool:
+        """Run one transition of `job`; if it raises, that job fails (and leaves the batch) and
+        the answer is False."""
         try:
             transition(*args)
+            return True
         except Exception as exc:
             log.exception("job %s: its %s step failed", job.id, transition.__name__)
             if batch is not None:
                 batch.remove(job)
             self._in_batch.discard(job)
             self._fail_quietly(job, f"{transition.__name__} failed ({type(exc).__name__}: {exc})")
+            return False
 
     def _fail_batch(self, message: str) -> None:
         jobs, self._in_batch = list(self._in_batch), set()
@@ -221,6 +225,3 @@ class Worker:
     def _beat(self) -> None:
         if self._watchdog is not None:
             self._watchdog.beat()
-
-    def running_jobs(self) -> int:
-        return len(self._in_batch)

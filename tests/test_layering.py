@@ -95,8 +95,11 @@ def test_the_helper_sees_a_heavy_import() -> None:
 def test_the_config_and_the_error_root_import_only_the_stdlib(leaf: str) -> None:
     modules = imported(f"import {leaf}")
     project = {m for m in modules if m.split(".")[0] in ("agent", "fleet", "build_engine")}
-    assert project <= {"agent", "agent.errors", "agent.state_dir", "agent.config"}, (
-        f"{leaf} imports other project modules: {sorted(project - {leaf})}"
+    # agent.contract is itself a stdlib-only leaf (tested below); the config takes the id syntax
+    # from it rather than writing it again.
+    outside = {m for m in project if not m.startswith("agent.contract")}
+    assert outside <= {"agent", "agent.errors", "agent.state_dir", "agent.config"}, (
+        f"{leaf} imports other project modules: {sorted(outside - {leaf})}"
     )
     third_party = roots(modules) - set(sys.stdlib_module_names) - {"agent"}
     assert not third_party, f"{leaf} imports {sorted(third_party)}"

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from agent.backends.base import Backend, Logits, TokenIds
-from agent.batching import PREFILL_CHUNK, BatchGenerator, StepReport, compacting_order
+from agent.batching import BatchGenerator, StepReport, compacting_order
+from agent.config import PREFILL_CHUNK
 from agent.errors import AgentError
 from agent.generation import GenerationRequest, GenerationResult, SequenceRun, generate
 from agent.runtime import LoadedModel, load_model

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.batching import PREFILL_CHUNK as BATCHING_PREFILL_CHUNK
-from agent.config import PREFILL_CHUNK, ConfigFile, load_config, read_config_file
+from agent.config import ConfigFile, load_config, read_config_file
 from agent.errors import ConfigError
 from agent.state_dir import StateDir
 
@@ -117,10 +116,6 @@ def test_integers_are_numbers_and_lists_are_tuples(tmp_path: Path) -> None:
     )
     assert config.mqtt.reply_topics == ("a/#",)
     assert config.ota.trusted_keys_dir == Path("/etc/edge-agent/trusted_keys")  # a default
-
-
-def test_the_default_prefill_chunk_is_the_batchers() -> None:
-    assert PREFILL_CHUNK == BATCHING_PREFILL_CHUNK
 
 
 def test_the_readmes_example_config_is_valid(tmp_path: Path) -> None:

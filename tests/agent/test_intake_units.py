@@ -146,3 +146,53 @@ def test_a_full_intake_answers_jobs_queue_full_at_once_and_keeps_commands_apart(
         ("edgellm/orin-01/results/_invalid", None, "queue_full"),
     ]
     assert intake._jobs_waiting == 2 and intake._commands_waiting == 1
+
+
+def test_a_job_whose_start_fails_is_answered_once_and_never_run() -> None:
+    """The worker's guard: a transition that raises fails its job; a job whose `started` failed
+    must not then be put in the batch as well (it would be answered twice)."""
+    from agent.config import JobsConfig, TelemetryConfig
+    from agent.job_queue import JobQueue, Reply, ResultStore
+    from agent.journal_writer import JournalWriter
+    from agent.lifecycle import ActiveIds, ActiveJob, JobBook
+    from agent.telemetry import TelemetryCollector
+    from agent.worker import ServingModel, Worker
+
+    sent: list[dict[str, Any]] = []
+
+    class Stream:
+        def event(self, payload: dict[str, Any], on_ack: Any = None) -> None:
+            sent.append(payload)
+
+        def delta(self, text: str) -> None:
+            raise AssertionError("a job that never ran streamed text")
+
+    class Batch:
+        def __init__(self) -> None:
+            self.submitted: list[Any] = []
+
+        def submit(self, run: Any, key: Any) -> None:
+            self.submitted.append(key)
+
+    book = JobBook(
+        ids=ActiveIds(),
+        results=ResultStore(4),
+        writer=JournalWriter(None, lambda exc: None, lambda: None),
+        telemetry=TelemetryCollector(TelemetryConfig()),
+        device_id="orin-01",
+        refuse=lambda reply, job_id, code, message: None,
+    )
+    request = parse_job(b'{"id": "j-1", "prompt": "hi"}', RequestLimits())
+    job = ActiveJob(book, request, [1, 2], Reply("r"), Stream(), 0)  # type: ignore[arg-type]
+
+    def broken_start() -> None:
+        raise OSError("the telemetry reader broke")
+
+    job.started = broken_start  # type: ignore[method-assign]
+    worker = Worker(JobQueue(4), ServingModel(None), JobsConfig(), watchdog=None, on_swapped=print)
+    batch = Batch()
+    worker._start(job, batch, None)  # type: ignore[arg-type]
+    assert batch.submitted == []
+    assert [(e["event"], e["error"]["code"]) for e in sent] == [("error", "engine_error")]
+    assert "the telemetry reader broke" in sent[0]["error"]["message"]
+    assert book.failed_count == 1 and book.done_count == 0
